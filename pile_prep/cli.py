@@ -1,0 +1,77 @@
+"""`pile-prep`: thin click commands over the typed functions of pile_prep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pile_prep.sample import write_sample_corpus
+from pile_prep.tokenize import DEFAULT_SHARD_BYTES, TokenizeError, TokenizeOptions, tokenize
+from pile_prep.tokenizer import DEFAULT_TOKENIZER, TokenizerError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Tokenize The Pile into memory-mapped uint32 shards, and inspect or verify them."""
+
+
+@main.command("tokenize")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Output directory (created; rerun the same command to resume).")
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokenizer processes; 0 = all usable cores.")
+@click.option("--tokenizer", default=DEFAULT_TOKENIZER, show_default=True,
+              help="'qwen2.5' (bundled, no download) or a path to tokenizer.json or to a "
+                   "directory with tokenizer.json or vocab.json + merges.txt.")
+@click.option("--text-field", default="text", show_default=True, help="JSON key / column of the text.")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_SHARD_BYTES / 2**20, show_default=True,
+              help="MiB of input text per shard.")
+@click.option("--skip-bad-lines", is_flag=True, help="Count and report bad lines instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace an output made from other inputs.")
+@click.option("--num-tasks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the inputs across this many machines (one output dir each).")
+@click.option("--task-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This machine's share: inputs[task_index::num_tasks].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_bad_lines,
+                 overwrite, num_tasks, task_index, quiet) -> None:  # fmt: skip
+    """Tokenize INPUTS (.jsonl.zst/.jsonl/.jsonl.gz/.parquet files, dirs or globs) into shards."""
+    opts = TokenizeOptions(
+        inputs=list(inputs), output=output, workers=workers, tokenizer=tokenizer,
+        text_field=text_field, shard_bytes=int(shard_mb * 2**20), skip_bad_lines=skip_bad_lines,
+        overwrite=overwrite, num_tasks=num_tasks, task_index=task_index, progress=not quiet,
+    )  # fmt: skip
+    try:
+        s = tokenize(opts)
+    except (TokenizeError, TokenizerError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted: rerun the same command to resume {output}") from None
+    t = s.manifest["totals"]
+    rate = s.tokens_this_run / s.seconds if s.seconds else 0.0
+    click.echo(
+        f"{t['tokens']:,} tokens, {t['documents']:,} documents in {t['shards']} shards "
+        f"({s.shards_resumed} already done) -> {output / 'manifest.json'}\n"
+        f"this run: {s.tokens_this_run:,} tokens in {s.seconds:.1f} s ({rate / 1e6:.2f} M tokens/s, "
+        f"{s.bytes_this_run / max(s.seconds, 1e-9) / 2**20:.1f} MiB/s of text); "
+        f"peak worker RSS {s.peak_worker_rss_mb:.0f} MiB"
+    )
+    if t["skipped_empty"] or t["bad_lines"]:
+        click.echo(f"skipped: {t['skipped_empty']} empty documents, {t['bad_lines']} bad lines")
+        for b in s.manifest["bad_lines"][:10]:
+            click.echo(f"  {b['file']}, line {b['line']}: {b['reason']}")
+
+
+@main.command("sample")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--files", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--docs", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Documents per training file (val gets a tenth).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample_cmd(directory, files, docs, seed) -> None:
+    """Write a small synthetic Pile-format corpus (00.jsonl.zst.., val.jsonl.zst)."""
+    for path in write_sample_corpus(directory, files, docs, seed):
+        click.echo(f"{path} ({path.stat().st_size:,} bytes)")

@@ -1,0 +1,240 @@
+"""Read Pile-format inputs: expand INPUT specs, cut each file into chunks, parse records.
+
+The main process only decompresses and cuts whole lines into chunks (memchr speed); workers
+parse JSON and tokenize. Chunk boundaries depend on the bytes alone (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl", ".jsonl.gz", ".parquet")
+UNKNOWN_SOURCE = "unknown"
+_READ_SIZE = 1 << 20
+
+
+class InputError(Exception):
+    """Bad input, named by file and line: the expected failure, reported without a traceback."""
+
+    def __init__(self, path: str | Path, line: int | None, reason: str):
+        self.path, self.line, self.reason = str(path), line, reason
+        where = f"{path}, line {line}" if line is not None else str(path)
+        super().__init__(f"{where}: {reason}")
+
+
+def expand_inputs(specs: list[str]) -> list[Path]:
+    """Files, directories (their supported files, sorted) or globs (sorted), in argument order."""
+    paths: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+        elif p.is_file():
+            if not p.name.endswith(SUFFIXES):
+                raise InputError(p, None, f"unsupported file type (expected {', '.join(SUFFIXES)})")
+            found = [p]
+        else:
+            found = sorted(Path(f) for f in glob.glob(spec) if f.endswith(SUFFIXES))
+        if not found:
+            raise InputError(spec, None, "no such file, or no Pile input files match it")
+        paths.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    return unique
+
+
+@dataclass
+class Chunk:
+    """A run of whole input lines (JSONL bytes) or Parquet rows: one future shard."""
+
+    input_index: int
+    chunk_index: int
+    path: str
+    first_line: int  # 1-based
+    last_line: int
+    progress: int  # input-file bytes consumed once this chunk is read (for the progress bar)
+    lines: bytes = b""  # JSONL: whole lines
+    rows: tuple[list, list] | None = None  # Parquet: (texts, sources)
+    error: str | None = None  # the input broke after this chunk (kept under --skip-bad-lines)
+
+
+class _ZstdStream:
+    """Multi-frame zstd decompression that, unlike `stream_reader`, notices truncation."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._d = zstandard.ZstdDecompressor()
+        self._obj = self._d.decompressobj()
+        self._started = False
+
+    def read(self) -> bytes:
+        while True:
+            raw = self._f.read(_READ_SIZE)
+            if not raw:
+                if self._started and not self._obj.eof:
+                    raise ValueError("truncated zstd stream (file ends inside a frame)")
+                return b""
+            out = []
+            while raw:
+                if self._obj.eof:  # next frame
+                    self._obj = self._d.decompressobj()
+                self._started = True
+                out.append(self._obj.decompress(raw))
+                raw = self._obj.unused_data if self._obj.eof else b""
+            data = b"".join(out)
+            if data:
+                return data
+
+
+def _open_blocks(path: Path, f: BinaryIO) -> Iterator[bytes]:
+    name = path.name
+    if name.endswith((".zst", ".zstd")):
+        stream = _ZstdStream(f)
+        while block := stream.read():
+            yield block
+    elif name.endswith(".gz"):
+        with gzip.GzipFile(fileobj=f) as g:
+            while block := g.read(_READ_SIZE):
+                yield block
+    else:
+        while block := f.read(_READ_SIZE):
+            yield block
+
+
+def _jsonl_chunks(index: int, path: Path, shard_bytes: int) -> Iterator[Chunk]:
+    with open(path, "rb") as f:
+        buf = bytearray()
+        line, chunk_index = 1, 0
+        error = None
+
+        def cut(end: int, err: str | None = None) -> Chunk:
+            nonlocal line, chunk_index
+            data = bytes(buf[:end])
+            del buf[:end]
+            n = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+            chunk = Chunk(index, chunk_index, str(path), line, line + n - 1, f.tell(), data, None, err)
+            line += n
+            chunk_index += 1
+            return chunk
+
+        try:
+            for block in _open_blocks(path, f):
+                buf += block
+                while len(buf) >= shard_bytes:
+                    end = buf.find(b"\n", shard_bytes - 1)
+                    if end < 0:
+                        break
+                    yield cut(end + 1)
+        except (zstandard.ZstdError, ValueError, OSError, EOFError, zlib.error) as e:
+            error = f"corrupt or truncated input: {e}"
+        if error is not None:
+            # Only complete lines before the damage are kept; a partial last line is dropped.
+            keep = buf.rfind(b"\n") + 1
+            del buf[keep:]
+            if buf:
+                yield cut(len(buf), error)
+            else:
+                yield Chunk(index, chunk_index, str(path), line, line - 1, f.tell(), error=error)
+        elif buf:
+            yield cut(len(buf))
+
+
+def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError on non-Parquet files
+        raise InputError(path, None, f"cannot read Parquet: {e}") from e
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise InputError(path, None, f"no column {text_field!r} (columns: {', '.join(names)})")
+    columns = [text_field] + (["meta"] if "meta" in names else [])
+    line, chunk_index = 1, 0
+    texts: list = []
+    sources: list = []
+    size = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        texts += batch.column(text_field).to_pylist()
+        if "meta" in columns:
+            sources += [_source_of(m) for m in batch.column("meta").to_pylist()]
+        else:
+            sources += [UNKNOWN_SOURCE] * batch.num_rows
+        size += batch.column(text_field).nbytes
+        if size >= shard_bytes:
+            yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, 0,
+                        rows=(texts, sources))  # fmt: skip
+            line, chunk_index, texts, sources, size = line + len(texts), chunk_index + 1, [], [], 0
+    if texts:
+        yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, 0,
+                    rows=(texts, sources))  # fmt: skip
+
+
+def iter_chunks(inputs: list[Path], shard_bytes: int, text_field: str) -> Iterator[Chunk]:
+    """Every chunk of every input, in order."""
+    for index, path in enumerate(inputs):
+        if path.name.endswith(".parquet"):
+            yield from _parquet_chunks(index, path, shard_bytes, text_field)
+        else:
+            yield from _jsonl_chunks(index, path, shard_bytes)
+
+
+def _source_of(meta: object) -> str:
+    if isinstance(meta, str):  # some mirrors store meta as a JSON string
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return UNKNOWN_SOURCE
+    if isinstance(meta, dict) and isinstance(meta.get("pile_set_name"), str):
+        return meta["pile_set_name"]
+    return UNKNOWN_SOURCE
+
+
+@dataclass
+class Record:
+    line: int
+    text: str | None  # None: a bad line, see `error`
+    source: str
+    error: str | None = None
+
+
+def parse_line(raw: bytes, line: int, text_field: str) -> Record:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return Record(line, None, "", f"invalid UTF-8 at byte {e.start}")
+    except ValueError as e:
+        return Record(line, None, "", f"not JSON: {e}")
+    if not isinstance(obj, dict):
+        return Record(line, None, "", f"not a JSON object: {type(obj).__name__}")
+    text = obj.get(text_field)
+    if not isinstance(text, str):
+        what = "no" if text is None else f"non-string ({type(text).__name__})"
+        return Record(line, None, "", f"{what} {text_field!r} field")
+    return Record(line, text, _source_of(obj.get("meta")))
+
+
+def iter_records(chunk: Chunk, text_field: str) -> Iterator[Record]:
+    """The chunk's records in order; a bad one comes back with `error` set."""
+    if chunk.rows is not None:
+        for i, (text, source) in enumerate(zip(*chunk.rows)):
+            if isinstance(text, str):
+                yield Record(chunk.first_line + i, text, source)
+            else:
+                yield Record(chunk.first_line + i, None, "", f"null {text_field!r}")
+        return
+    line = chunk.first_line
+    start = 0
+    data = chunk.lines
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        yield parse_line(data[start:end], line, text_field)
+        start, line = end + 1, line + 1

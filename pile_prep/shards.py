@@ -1,0 +1,163 @@
+"""The on-disk shard format (docs/FORMAT.md): names, index layout, atomic writes, the writer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import xxhash
+
+FORMAT = "pile-prep-shards"
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.dtype("<u4")  # uint32: Qwen's 151,936 ids overflow uint16
+INDEX_MAGIC = b"PPIDX001"
+INDEX_HEADER = 16  # magic + uint64 document count
+MANIFEST = "manifest.json"
+JOB = "job.json"
+MAX_BAD_LINES_LISTED = 100  # per shard record; the manifest lists up to 1,000
+
+
+def shard_name(input_index: int, chunk_index: int) -> str:
+    return f"shard-{input_index:05d}-{chunk_index:06d}"
+
+
+def index_size(num_docs: int) -> int:
+    return INDEX_HEADER + 8 * (num_docs + 1) + 2 * num_docs
+
+
+def encode_index(offsets: np.ndarray, sources: np.ndarray) -> bytes:
+    """offsets: uint64 [N+1] token offsets; sources: uint16 [N] ids into the shard's sources."""
+    n = len(sources)
+    header = INDEX_MAGIC + np.uint64(n).astype("<u8").tobytes()
+    return header + offsets.astype("<u8").tobytes() + sources.astype("<u2").tobytes()
+
+
+def read_index(path: Path, num_docs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [N+1] uint64, sources [N] uint16) as read-only memmaps of an `.idx` file."""
+    with open(path, "rb") as f:
+        header = f.read(INDEX_HEADER)
+    if len(header) < INDEX_HEADER or header[:8] != INDEX_MAGIC:
+        raise ValueError(f"{path}: not a pile-prep index (bad magic)")
+    n = int(np.frombuffer(header[8:], "<u8")[0])
+    if num_docs is not None and n != num_docs:
+        raise ValueError(f"{path}: index has {n} documents, manifest says {num_docs}")
+    if path.stat().st_size != index_size(n):
+        raise ValueError(
+            f"{path}: size {path.stat().st_size} bytes, expected {index_size(n)} for {n} documents"
+        )
+    offsets = np.memmap(path, "<u8", "r", offset=INDEX_HEADER, shape=(n + 1,))
+    sources = np.memmap(path, "<u2", "r", offset=INDEX_HEADER + 8 * (n + 1), shape=(n,))
+    return offsets, sources
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp(path: Path) -> Path:
+    # Per-process name: an orphaned worker of a killed run may still be writing the same file.
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write `obj` as deterministic JSON (sorted keys are not used: order is meaning)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+class ShardWriter:
+    """Streams one shard's tokens to `NAME.bin.tmp-PID`, then commits bin, idx and record.
+
+    Memory stays bounded by one piece of one document: tokens go to the file as they come.
+    """
+
+    def __init__(self, directory: Path, name: str):
+        self.directory, self.name = directory, name
+        self._bin = directory / f"{name}.bin"
+        self._tmp_bin = _tmp(self._bin)
+        self._file = open(self._tmp_bin, "wb", buffering=1 << 20)
+        self._hash = xxhash.xxh3_128()
+        self._offsets = [0]
+        self._source_ids: list[int] = []
+        self._sources: dict[str, list[int]] = {}  # name -> [id, tokens, documents]; id = first seen
+        self._tokens = 0
+        self._doc_start = 0
+
+    def write_tokens(self, ids: Sequence[int] | np.ndarray) -> None:
+        data = np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self._tokens += len(data) // 4
+
+    def end_document(self, eos_id: int, source: str) -> None:
+        self.write_tokens((eos_id,))
+        stats = self._sources.setdefault(source, [len(self._sources), 0, 0])
+        if len(self._sources) > 65535:  # ids are uint16
+            raise ValueError(f"{self.name}: more than 65,535 sources in one shard")
+        stats[1] += self._tokens - self._doc_start
+        stats[2] += 1
+        self._source_ids.append(stats[0])
+        self._offsets.append(self._tokens)
+        self._doc_start = self._tokens
+
+    def commit(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Rename bin and idx into place, then write the record (the shard's done mark)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp_bin, self._bin)
+        index = encode_index(np.array(self._offsets, np.uint64), np.array(self._source_ids))
+        atomic_write_bytes(self.directory / f"{self.name}.idx", index)
+        record = {
+            "name": self.name,
+            **record,
+            "tokens": self._tokens,
+            "documents": len(self._source_ids),
+            "checksum": "xxh3_128:" + self._hash.hexdigest(),
+            "sources": [
+                {"name": s, "tokens": t, "documents": d} for s, (_, t, d) in self._sources.items()
+            ],
+        }
+        write_json(self.directory / f"{self.name}.json", record)
+        return record
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp_bin.unlink(missing_ok=True)
+
+
+def shard_is_done(directory: Path, name: str) -> dict[str, Any] | None:
+    """The shard's record if it is completely written, else None."""
+    record_path = directory / f"{name}.json"
+    if not record_path.exists():
+        return None
+    try:
+        record = read_json(record_path)
+        bin_size = (directory / f"{name}.bin").stat().st_size
+        idx_size = (directory / f"{name}.idx").stat().st_size
+    except (OSError, ValueError):
+        return None
+    if bin_size != 4 * record["tokens"] or idx_size != index_size(record["documents"]):
+        return None
+    return record

@@ -1,0 +1,327 @@
+"""`pile-prep tokenize`: read documents -> tokenize -> write shards, in parallel and resumable."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pile_prep.inputs import Chunk, InputError, expand_inputs, iter_chunks, iter_records
+from pile_prep.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    JOB,
+    MANIFEST,
+    MAX_BAD_LINES_LISTED,
+    ShardWriter,
+    read_json,
+    shard_is_done,
+    shard_name,
+    write_json,
+)
+from pile_prep.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+DEFAULT_SHARD_BYTES = 64 << 20  # of input text: ~16M tokens, a 64 MB .bin per shard
+_MANIFEST_BAD_LINES = 1000
+
+
+class TokenizeError(Exception):
+    """An expected failure (bad input, refused output dir): reported without a traceback."""
+
+
+@dataclass
+class TokenizeOptions:
+    inputs: list[str]  # files, directories or globs
+    output: Path
+    workers: int = 0  # 0: all usable cores
+    tokenizer: str = DEFAULT_TOKENIZER  # "qwen2.5" or a path to HF tokenizer files
+    text_field: str = "text"
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # input bytes per shard (part of the output's identity)
+    skip_bad_lines: bool = False
+    overwrite: bool = False
+    num_tasks: int = 1  # split the inputs across machines (e.g. a Slurm array)
+    task_index: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TokenizeSummary:
+    manifest: dict[str, Any]
+    shards_resumed: int  # shards found complete and not redone
+    seconds: float
+    tokens_this_run: int
+    bytes_this_run: int  # input bytes read by shards made in this run
+    peak_worker_rss_mb: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# --- worker side -------------------------------------------------------------------------------
+# Each worker process loads the tokenizer once (pool initializer) and keeps it for its life.
+_worker_tokenizer = None
+
+
+def _init_worker(spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(spec)
+
+
+def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool) -> dict:
+    tok = _worker_tokenizer
+    writer = ShardWriter(output, shard_name(chunk.input_index, chunk.chunk_index))
+    skipped: list[list] = []
+    bad: list[dict] = []
+    try:
+        for rec in iter_records(chunk, text_field):
+            if rec.error is not None:
+                if not skip_bad:
+                    raise InputError(chunk.path, rec.line, rec.error)
+                skipped.append([rec.line, "bad"])
+                bad.append({"file": chunk.path, "line": rec.line, "reason": rec.error})
+                continue
+            if rec.text == "":
+                skipped.append([rec.line, "empty"])
+                continue
+            for piece in tok.encode_pieces(rec.text):
+                writer.write_tokens(piece)
+            writer.end_document(tok.eos_id, rec.source)
+        if chunk.error is not None:
+            skipped.append([chunk.last_line + 1, "bad"])
+            bad.append({"file": chunk.path, "line": chunk.last_line + 1, "reason": chunk.error})
+    except BaseException:
+        writer.abort()
+        raise
+    record = writer.commit(
+        {
+            "input": chunk.input_index,
+            "chunk": chunk.chunk_index,
+            "first_line": chunk.first_line,
+            "last_line": chunk.last_line,
+            "skipped_lines": skipped,
+            "bad_lines": bad[:MAX_BAD_LINES_LISTED],
+        }
+    )
+    return {"record": record, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --- main side ---------------------------------------------------------------------------------
+
+
+def _job(opts: TokenizeOptions, inputs: list[Path], tokenizer) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+        },
+        "text_field": opts.text_field,
+        "shard_bytes": opts.shard_bytes,
+        "task": {"index": opts.task_index, "count": opts.num_tasks},
+        "inputs": [{"path": str(p), "size": p.stat().st_size} for p in inputs],
+    }
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for key in new:
+        if key == "inputs" and old.get(key) != new[key]:
+            old_in = {i["path"]: i["size"] for i in old.get("inputs", [])}
+            new_in = {i["path"]: i["size"] for i in new["inputs"]}
+            for p in new_in.keys() - old_in.keys():
+                diffs.append(f"new input {p}")
+            for p in old_in.keys() - new_in.keys():
+                diffs.append(f"input {p} no longer given")
+            for p in new_in.keys() & old_in.keys():
+                if new_in[p] != old_in[p]:
+                    diffs.append(f"input {p} changed size ({old_in[p]} -> {new_in[p]} bytes)")
+            if not diffs:
+                diffs.append("inputs given in a different order")
+        elif key == "tokenizer" and old.get(key, {}).get("fingerprint") != new[key]["fingerprint"]:
+            diffs.append(f"tokenizer {old.get(key, {}).get('name')} -> {new[key]['name']}")
+        elif key not in ("inputs", "tokenizer") and old.get(key) != new[key]:
+            diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
+    return diffs
+
+
+def _is_ours(path: Path) -> bool:
+    n = path.name
+    return n in (MANIFEST, JOB) or n.startswith("shard-") or ".tmp-" in n
+
+
+def _prepare_output(output: Path, job: dict, overwrite: bool) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    job_path = output / JOB
+    if job_path.exists():
+        old = read_json(job_path)
+        diffs = _differences(old, job)
+        if diffs and not overwrite:
+            raise TokenizeError(
+                f"{output} holds a tokenization of different inputs ({'; '.join(diffs)}). "
+                "Use another --output, or --overwrite to delete it and start again."
+            )
+        if not diffs:
+            return
+    elif any(output.iterdir()) and not overwrite:
+        foreign = [p.name for p in output.iterdir() if not _is_ours(p)]
+        if foreign:
+            raise TokenizeError(
+                f"{output} is not empty and is not a pile-prep output (holds {foreign[0]!r}); "
+                "choose an empty or new --output"
+            )
+    for p in output.iterdir():
+        if _is_ours(p):
+            p.unlink()
+    write_json(job_path, job)
+
+
+def _manifest(job: dict, records: list[dict]) -> dict[str, Any]:
+    sources: dict[str, dict[str, int]] = {}
+    bad_lines: list[dict] = []
+    for r in records:
+        for s in r["sources"]:
+            t = sources.setdefault(s["name"], {"tokens": 0, "documents": 0})
+            t["tokens"] += s["tokens"]
+            t["documents"] += s["documents"]
+        bad_lines += r["bad_lines"][: _MANIFEST_BAD_LINES - len(bad_lines)]
+    totals = {
+        "shards": len(records),
+        "tokens": sum(r["tokens"] for r in records),
+        "documents": sum(r["documents"] for r in records),
+        "skipped_empty": sum(1 for r in records for _, why in r["skipped_lines"] if why == "empty"),
+        "bad_lines": sum(1 for r in records for _, why in r["skipped_lines"] if why == "bad"),
+    }
+    return {
+        **{k: v for k, v in job.items() if k != "inputs"},
+        "dtype": "uint32",
+        "byteorder": "little",
+        "inputs": job["inputs"],
+        "totals": totals,
+        "sources": dict(sorted(sources.items())),
+        "bad_lines": bad_lines,
+        "shards": records,
+    }
+
+
+def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
+    """Tokenize `opts.inputs` into shards under `opts.output`; resumes a previous partial run."""
+    if not 0 <= opts.task_index < opts.num_tasks:
+        raise TokenizeError(f"--task-index {opts.task_index} is not in [0, {opts.num_tasks})")
+    if opts.shard_bytes < 1:
+        raise TokenizeError("shard size must be positive")
+    start = time.perf_counter()
+    try:
+        inputs = expand_inputs(opts.inputs)[opts.task_index :: opts.num_tasks]
+    except InputError as e:
+        raise TokenizeError(str(e)) from e
+    if not inputs:
+        raise TokenizeError(
+            f"task {opts.task_index} of {opts.num_tasks} has no inputs (fewer files than tasks)"
+        )
+    tokenizer = load_tokenizer(opts.tokenizer)
+    job = _job(opts, inputs, tokenizer)
+    output = Path(opts.output)
+    _prepare_output(output, job, opts.overwrite)
+    if (output / MANIFEST).exists():  # same job, already complete
+        return TokenizeSummary(read_json(output / MANIFEST), 0, time.perf_counter() - start, 0, 0)
+    workers = opts.workers or usable_cores()
+
+    records: dict[str, dict] = {}
+    resumed = tokens_run = bytes_run = 0
+    rss = 0.0
+    total_bytes = sum(i["size"] for i in job["inputs"])
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+        disable=not opts.progress, desc="tokenize", file=sys.stderr,
+    )  # fmt: skip
+    last_progress: dict[int, int] = {}
+
+    def advance(chunk: Chunk) -> None:
+        # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
+        end = chunk.progress or 0
+        prev = last_progress.get(chunk.input_index, 0)
+        if end > prev:
+            bar.update(end - prev)
+            last_progress[chunk.input_index] = end
+
+    pending: dict[Future, Chunk] = {}
+    failure: BaseException | None = None
+
+    def collect(done: set[Future]) -> None:
+        nonlocal tokens_run, bytes_run, rss, failure
+        for fut in done:
+            chunk = pending.pop(fut)
+            try:
+                result = fut.result()
+            except BaseException as e:  # keep draining: other shards in flight still finish
+                failure = failure or e
+                continue
+            record = result["record"]
+            records[record["name"]] = record
+            tokens_run += record["tokens"]
+            bytes_run += len(chunk.lines) if chunk.rows is None else 0
+            rss = max(rss, result["rss_mb"])
+            advance(chunk)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
+
+    ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (opts.tokenizer,)) as pool:
+        try:
+            for chunk in iter_chunks(inputs, opts.shard_bytes, opts.text_field):
+                if failure is not None:
+                    break
+                if chunk.error is not None and not opts.skip_bad_lines:
+                    raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
+                name = shard_name(chunk.input_index, chunk.chunk_index)
+                done_record = shard_is_done(output, name)
+                if done_record is not None:
+                    records[name] = done_record
+                    resumed += 1
+                    advance(chunk)
+                    continue
+                while len(pending) >= 2 * workers:  # bounded memory: at most 2 chunks per worker
+                    collect(wait(pending, return_when=FIRST_COMPLETED)[0])
+                pending[pool.submit(_tokenize_chunk, chunk, output, opts.text_field,
+                                    opts.skip_bad_lines)] = chunk  # fmt: skip
+        except InputError as e:
+            failure = failure or e
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            bar.close()
+            raise
+        finally:
+            if pending:
+                collect(wait(pending)[0])
+    bar.close()
+    if failure is not None:
+        if isinstance(failure, InputError):
+            raise TokenizeError(
+                f"{failure}\n{len(records)} finished shards are kept in {output}: rerun the same "
+                "command to resume, with --skip-bad-lines to skip such lines"
+            ) from failure
+        raise failure
+
+    manifest = _manifest(job, [records[k] for k in sorted(records)])
+    write_json(output / MANIFEST, manifest)
+    return TokenizeSummary(
+        manifest=manifest,
+        shards_resumed=resumed,
+        seconds=time.perf_counter() - start,
+        tokens_this_run=tokens_run,
+        bytes_this_run=bytes_run,
+        peak_worker_rss_mb=rss,
+    )

