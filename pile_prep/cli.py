@@ -75,3 +75,51 @@ def sample_cmd(directory, files, docs, seed) -> None:
     """Write a small synthetic Pile-format corpus (00.jsonl.zst.., val.jsonl.zst)."""
     for path in write_sample_corpus(directory, files, docs, seed):
         click.echo(f"{path} ({path.stat().st_size:,} bytes)")
+
+
+@main.command("inspect")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--decode", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Show the first N documents decoded, with their source.")
+@click.option("--doc", "docs", type=int, multiple=True, metavar="I",
+              help="Show document I (repeatable; negative counts from the end).")
+@click.option("--tokens", "show_tokens", is_flag=True,
+              help="Show each shown document's ids next to their text pieces.")
+@click.option("--tokenizer", default=None, metavar="PATH",
+              help="Tokenizer files for decoding, when the shards were not made with qwen2.5.")
+@click.option("--json", "as_json", is_flag=True, help="Print the same facts as JSON.")
+def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json) -> None:
+    """Summarize shard directories DIRS (read as one dataset): sizes, sources, lengths."""
+    from pile_prep.inspect import inspect_report
+    from pile_prep.reader import ShardError
+
+    try:
+        click.echo(inspect_report(dirs, decode, docs, show_tokens, tokenizer, as_json))
+    except (ShardError, IndexError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("verify")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes checking shards; 0 = all usable cores.")
+@click.option("--sample", type=click.IntRange(min=0), default=0, metavar="K",
+              help="Also re-tokenize K documents from the original inputs (needs --source).")
+@click.option("--source", "sources", multiple=True, metavar="INPUT",
+              help="The tokenize INPUTs (files, dirs or globs; repeatable), for --sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which documents --sample picks.")
+@click.option("--tokenizer", default=None, metavar="PATH",
+              help="Tokenizer files for --sample, when the shards were not made with qwen2.5.")
+def verify_cmd(dirs, workers, sample, sources, seed, tokenizer) -> None:
+    """Check every checksum, size, EOS, id and total of DIRS; exit 1 naming each problem."""
+    from pile_prep.verify import verify
+
+    if sample and not sources:
+        raise click.UsageError("--sample needs --source INPUT... (the files given to tokenize)")
+    report = verify(dirs, workers, sample, sources, seed, tokenizer)
+    click.echo(report.format())
+    raise SystemExit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,9 @@ class InputError(Exception):
         where = f"{path}, line {line}" if line is not None else str(path)
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):  # raised in worker processes: pickle with the real arguments
+        return InputError, (self.path, self.line, self.reason)
+
 
 def expand_inputs(specs: list[str]) -> list[Path]:
     """Files, directories (their supported files, sorted) or globs (sorted), in argument order."""

@@ -36,7 +36,7 @@ DEFAULT_TOKENIZER = "qwen2.5"
 
 # Split documents longer than this at safe points so one huge document never holds its whole
 # token list in memory (see `_safe_pieces`).
-_PIECE_CHARS = 1 << 20
+_PIECE_CHARS = 1 << 18
 
 
 class TokenizerError(ValueError):
@@ -62,27 +62,29 @@ def nfc(text: str) -> str:
 
 
 def _safe_pieces(text: str) -> list[str]:
-    """Cut text after a newline that is followed by a letter, every ~_PIECE_CHARS chars.
+    """Cut text every ~_PIECE_CHARS chars, after a newline that starts a non-blank line.
 
-    No pre-token of QWEN_PATTERN spans such a point: every alternative that can match a
-    newline ends at the newline run, and a letter after a newline starts a new pre-token
-    (the optional prefix of the letter alternative excludes \\r and \\n). BPE never merges
-    across pre-tokens, and NFC never composes across a newline, so encoding the pieces
-    separately gives exactly the ids of encoding the whole text.
+    A safe cut is after "\n" followed by spaces or tabs and then a non-space character. No
+    pre-token of QWEN_PATTERN spans it: every alternative that matches a newline ends at the
+    last newline of its run (and the next newline is on a later line), and the scan resumes
+    after it exactly as it would at the start of a text. BPE never merges across pre-tokens,
+    and NFC never composes across a newline, so encoding the pieces one by one gives exactly
+    the ids of the whole text, while holding only one piece's ids at a time.
     """
     if len(text) <= _PIECE_CHARS:
         return [text]
-    pieces, start = [], 0
-    while len(text) - start > _PIECE_CHARS:
-        cut = start + _PIECE_CHARS
-        while True:
-            cut = text.find("\n", cut)
-            if cut < 0 or cut + 1 >= len(text):
-                pieces.append(text[start:])
-                return pieces
-            if text[cut + 1].isalpha() and text[cut + 1] not in "\r\n":
+    pieces, start, n = [], 0, len(text)
+    while n - start > _PIECE_CHARS:
+        cut = text.find("\n", start + _PIECE_CHARS)
+        while cut >= 0:
+            j = cut + 1
+            while j < n and text[j] in " \t":
+                j += 1
+            if j < n and not text[j].isspace():
                 break
-            cut += 1
+            cut = text.find("\n", j)
+        if cut < 0:
+            break
         pieces.append(text[start : cut + 1])
         start = cut + 1
     pieces.append(text[start:])

@@ -1,0 +1,253 @@
+"""pile-prep tokenize: exact tokens, deterministic bytes, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import filecmp
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from click.testing import CliRunner
+
+from pile_prep.cli import main as cli
+from pile_prep.sample import write_sample_corpus
+from pile_prep.shards import read_index
+from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
+from pile_prep.tokenizer import load_tokenizer, nfc
+
+from .conftest import SPECIAL_DOCS, pile_record, write_jsonl_zst
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def run(inputs, out, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return tokenize(TokenizeOptions(inputs=[str(p) for p in inputs], output=out, **kw))
+
+
+def read_docs(out: Path) -> list[tuple[list[int], str]]:
+    """Every document (tokens incl. EOS, source) of an output dir, straight from the files."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    docs = []
+    for rec in manifest["shards"]:
+        tokens = np.fromfile(out / f"{rec['name']}.bin", "<u4")
+        offsets, sources = read_index(out / f"{rec['name']}.idx", rec["documents"])
+        names = [s["name"] for s in rec["sources"]]
+        for i in range(rec["documents"]):
+            docs.append((tokens[offsets[i] : offsets[i + 1]].tolist(), names[sources[i]]))
+    return docs
+
+
+def input_docs(paths) -> list[tuple[str, str]]:
+    docs = []
+    for p in paths:
+        for line in zstandard.ZstdDecompressor().decompress(Path(p).read_bytes(), max_output_size=1 << 30).splitlines():
+            r = json.loads(line)
+            docs.append((r["text"], r["meta"]["pile_set_name"]))
+    return docs
+
+
+def dir_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+def assert_same_dirs(a: Path, b: Path) -> None:
+    assert dir_files(a) == dir_files(b)
+    _, mismatch, errors = filecmp.cmpfiles(a, b, dir_files(a), shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+
+
+def test_round_trip_and_counts(tok, sample_corpus, special_input, tmp_path):
+    inputs = [special_input, *sample_corpus]
+    summary = run(inputs, tmp_path / "out", shard_bytes=20_000)
+    expected = [(t, s) for t, s in input_docs(inputs) if t != ""]
+    docs = read_docs(tmp_path / "out")
+    assert len(docs) == len(expected)
+    for (ids, source), (text, want_source) in zip(docs, expected):
+        assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+        assert ids[:-1] == tok.encode(text)
+        assert tok.decode(ids[:-1]) == nfc(text)
+        assert source == want_source
+    m = summary.manifest
+    assert m["totals"]["documents"] == len(expected)
+    assert m["totals"]["skipped_empty"] == 1
+    assert m["totals"]["tokens"] == sum(len(ids) for ids, _ in docs)
+    assert m["totals"]["shards"] > 3
+    per_source: dict = {}
+    for ids, s in docs:
+        per_source.setdefault(s, {"tokens": 0, "documents": 0})
+        per_source[s]["tokens"] += len(ids)
+        per_source[s]["documents"] += 1
+    assert m["sources"] == dict(sorted(per_source.items()))
+    assert [i["path"] for i in m["inputs"]] == [str(p.resolve()) for p in inputs]
+    assert m["tokenizer"] == {"name": "qwen2.5", "fingerprint": tok.fingerprint,
+                              "vocab_size": 151665, "eos_id": 151643}  # fmt: skip
+    assert m["shards"][0]["skipped_lines"] == [[2, "empty"]]
+    for rec in m["shards"]:
+        assert (tmp_path / "out" / f"{rec['name']}.bin").stat().st_size == 4 * rec["tokens"]
+
+
+def test_bytes_identical_across_worker_counts(sample_corpus, tmp_path):
+    run(sample_corpus, tmp_path / "w1", shard_bytes=30_000, workers=1)
+    run(sample_corpus, tmp_path / "w2", shard_bytes=30_000, workers=2)
+    assert_same_dirs(tmp_path / "w1", tmp_path / "w2")
+
+
+def test_other_input_formats_give_same_tokens(sample_corpus, tmp_path):
+    raw = zstandard.ZstdDecompressor().decompress(sample_corpus[0].read_bytes(), max_output_size=1 << 30)
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(raw))
+    records = [json.loads(line) for line in raw.splitlines()]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    reference = read_docs_of(sample_corpus[0], tmp_path / "ref")
+    for name in ("a.jsonl", "b.jsonl.gz", "c.parquet"):
+        assert read_docs_of(tmp_path / name, tmp_path / f"out-{name}") == reference, name
+
+
+def read_docs_of(path: Path, out: Path):
+    run([path], out, shard_bytes=1 << 20)
+    return read_docs(out)
+
+
+def test_text_field_and_missing_meta(tok, tmp_path):
+    path = write_jsonl_zst(tmp_path / "x.jsonl.zst", [{"content": "abc"}, {"content": "def", "meta": {}}])
+    run([path], tmp_path / "out", text_field="content")
+    assert read_docs(tmp_path / "out") == [
+        (tok.encode("abc") + [tok.eos_id], "unknown"),
+        (tok.encode("def") + [tok.eos_id], "unknown"),
+    ]
+
+
+def test_inputs_from_dirs_and_globs_in_order(sample_corpus, tmp_path):
+    corpus_dir = sample_corpus[0].parent
+    a = run([corpus_dir], tmp_path / "a").manifest["inputs"]
+    b = run([str(corpus_dir / "*.jsonl.zst")], tmp_path / "b").manifest["inputs"]
+    names = [Path(i["path"]).name for i in a]
+    assert names == ["00.jsonl.zst", "01.jsonl.zst", "val.jsonl.zst"]
+    assert a == b
+    with pytest.raises(TokenizeError, match="no Pile input files match"):
+        run([str(tmp_path / "nothing-*.jsonl.zst")], tmp_path / "c")
+
+
+def test_task_split_covers_inputs_once(sample_corpus, tmp_path):
+    corpus_dir = sample_corpus[0].parent
+    m0 = run([corpus_dir], tmp_path / "t0", num_tasks=2, task_index=0).manifest
+    m1 = run([corpus_dir], tmp_path / "t1", num_tasks=2, task_index=1).manifest
+    n0 = [Path(i["path"]).name for i in m0["inputs"]]
+    n1 = [Path(i["path"]).name for i in m1["inputs"]]
+    assert (n0, n1) == (["00.jsonl.zst", "val.jsonl.zst"], ["01.jsonl.zst"])
+    assert m0["task"] == {"index": 0, "count": 2}
+
+
+def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
+    out = tmp_path / "out"
+    run(sample_corpus[:1], out)
+    with pytest.raises(TokenizeError, match=r"different inputs \(new input .*01.jsonl.zst"):
+        run(sample_corpus, out)
+    with pytest.raises(TokenizeError, match="shard_bytes"):
+        run(sample_corpus[:1], out, shard_bytes=1000)
+    summary = run(sample_corpus, out, overwrite=True)
+    assert len(summary.manifest["inputs"]) == 2
+    assert not list(out.glob("*.tmp-*"))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "thesis.tex").write_text("x")
+    with pytest.raises(TokenizeError, match="not a pile-prep output"):
+        run(sample_corpus, tmp_path / "foreign")
+
+
+def test_rerun_of_finished_output_is_a_no_op(sample_corpus, tmp_path):
+    first = run(sample_corpus, tmp_path / "out", shard_bytes=50_000)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = run(sample_corpus, tmp_path / "out", shard_bytes=50_000)
+    assert again.manifest == first.manifest and again.tokens_this_run == 0
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+GOOD = json.dumps(pile_record("fine text", "Pile-CC")).encode()
+BAD_LINES = {
+    "not JSON": b'{"text": "unterminated',
+    "invalid UTF-8": b'{"text": "caf\xe9"}',
+    "no 'text' field": b'{"body": "x"}',
+    "non-string (int) 'text' field": b'{"text": 42}',
+}
+
+
+@pytest.mark.parametrize("reason", BAD_LINES)
+def test_bad_line_stops_with_file_and_line(reason, tmp_path):
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", [GOOD] * 50 + [BAD_LINES[reason]] + [GOOD] * 5)
+    result = CliRunner().invoke(cli, ["tokenize", str(path), "-o", str(tmp_path / "o"), "-j", "1", "-q",
+                                      "--shard-mb", "0.0005"])  # fmt: skip
+    assert result.exit_code == 1
+    assert f"{path.resolve()}, line 51: {reason}" in result.output
+    assert "Traceback" not in result.output
+    assert "rerun the same command to resume" in result.output
+    # Shards before the bad line are finished and kept; the manifest is not written.
+    assert (tmp_path / "o" / "shard-00000-000000.json").exists()
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+    result = CliRunner().invoke(cli, ["tokenize", str(path), "-o", str(tmp_path / "o"), "-j", "1", "-q",
+                                      "--shard-mb", "0.0005", "--skip-bad-lines"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 bad lines" in result.output and "line 51" in result.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["totals"]["bad_lines"] == 1 and m["totals"]["documents"] == 55
+    assert m["bad_lines"][0]["line"] == 51 and reason in m["bad_lines"][0]["reason"]
+
+
+def test_truncated_zst(tmp_path):
+    data = write_sample_corpus(tmp_path / "big", num_files=1, docs_per_file=3000)[0].read_bytes()
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenizeError, match=r"cut.jsonl.zst, line \d+: corrupt or truncated input: truncated"):
+        run([path], tmp_path / "o")
+    summary = run([path], tmp_path / "o", skip_bad_lines=True)
+    assert summary.manifest["totals"]["bad_lines"] == 1
+    assert 0 < summary.manifest["totals"]["documents"] < 3000
+
+
+def test_corrupt_zst(tmp_path):
+    path = tmp_path / "junk.jsonl.zst"
+    path.write_bytes(b"this is not zstd" * 100)
+    with pytest.raises(TokenizeError, match=r"junk.jsonl.zst, line 1: corrupt or truncated input"):
+        run([path], tmp_path / "o")
+
+
+def test_kill_9_and_resume_gives_identical_bytes(sample_corpus, tmp_path):
+    args = [*map(str, sample_corpus), "--workers", "1", "--shard-mb", "0.005", "-q"]
+    subprocess.run([sys.executable, "-m", "pile_prep.cli", "tokenize", *args, "-o", str(tmp_path / "ref")],
+                   check=True)  # fmt: skip
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pile_prep.cli", "tokenize", *args, "-o", str(out)],
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("shard-*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its workers, mid-run
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.json")}
+    assert done_before and not (out / "manifest.json").exists()
+
+    result = subprocess.run([sys.executable, "-m", "pile_prep.cli", "tokenize", *args, "-o", str(out)],
+                            check=True, capture_output=True, text=True)  # fmt: skip
+    assert f"({len(done_before)} already done)" in result.stdout
+    for p in list(out.glob("*.tmp-*")):
+        p.unlink()  # left by the killed run; never mistaken for a finished file
+    assert_same_dirs(tmp_path / "ref", out)
+    # Finished shards were not redone.
+    assert all((out / n).stat().st_mtime_ns == t for n, t in done_before.items())

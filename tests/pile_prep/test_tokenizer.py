@@ -1,0 +1,141 @@
+"""Both tokenizer backends give Qwen2.5's ids, and agree with each other."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+import tiktoken
+
+from pile_prep.tokenizer import (
+    QWEN_PATTERN,
+    TokenizerError,
+    _bytes_to_unicode,
+    load_tokenizer,
+    nfc,
+    qwen_ranks,
+)
+
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock; WE'LL see!",
+    "def f(x):\n\tif x > 0:\n        return x ** 2  # square\n    return None\r\n",
+    "東京の天気は晴れです。机器学习模型需要大量数据。한국어 텍스트",
+    "emoji 🙂🚀👩‍👩‍👧 and symbols ∑∫Ω ≠ ≤",
+    "whitespace   runs\n\n\n\t\t  \u00a0 \u3000 end   ",
+    "a literal <|endoftext|> and <|im_start|>user<|im_end|> are text",
+    "cafe\u0301 becomes café under NFC",
+    "x" * 5000,
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tiktoken_tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """vocab.json + merges.txt made from the same ranks, as a byte-level BPE user would have."""
+    ranks = qwen_ranks()
+    to_unicode = _bytes_to_unicode()
+    show = lambda b: "".join(to_unicode[x] for x in b)  # noqa: E731
+    merges = []
+    for token, rank in ranks.items():
+        splits = [
+            (ranks[token[:i]], ranks[token[i:]], token[:i], token[i:])
+            for i in range(1, len(token))
+            if token[:i] in ranks and token[i:] in ranks
+            and max(ranks[token[:i]], ranks[token[i:]]) < rank
+        ]  # fmt: skip
+        merges += [(rank, left, right) for *_, left, right in sorted(splits)]
+    merges.sort(key=lambda m: m[0])
+    d = tmp_path_factory.mktemp("qwen_hf")
+    (d / "vocab.json").write_text(json.dumps({show(t): r for t, r in ranks.items()}))
+    lines = [f"{show(a)} {show(b)}" for _, a, b in merges]
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    return d
+
+
+def test_known_qwen_ids(tiktoken_tok):
+    assert tiktoken_tok.encode("Hello world") == [9707, 1879]
+    assert tiktoken_tok.eos_id == 151643
+    assert tiktoken_tok.vocab_size == 151665  # 151,643 ranks + 22 special tokens
+    assert tiktoken_tok.token_bytes(151643) == b"<|endoftext|>"
+
+
+def test_special_strings_are_text(tiktoken_tok):
+    ids = tiktoken_tok.encode("before <|endoftext|> after")
+    assert tiktoken_tok.eos_id not in ids
+    assert max(ids) < 151643
+    assert tiktoken_tok.decode(ids) == "before <|endoftext|> after"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_matches_plain_tiktoken_after_nfc(tiktoken_tok, text):
+    enc = tiktoken.Encoding("ref", pat_str=QWEN_PATTERN, mergeable_ranks=qwen_ranks(), special_tokens={})
+    assert tiktoken_tok.encode(text) == enc.encode_ordinary(unicodedata.normalize("NFC", text))
+    assert tiktoken_tok.decode(tiktoken_tok.encode(text)) == nfc(text)
+
+
+def test_hf_vocab_merges_equal_tiktoken(tiktoken_tok, hf_dir):
+    hf = load_tokenizer(str(hf_dir))
+    assert hf.fingerprint == tiktoken_tok.fingerprint
+    assert (hf.eos_id, hf.vocab_size) == (tiktoken_tok.eos_id, tiktoken_tok.vocab_size)
+    for text in TEXTS:
+        assert hf.encode(text) == tiktoken_tok.encode(text), text
+        assert hf.decode(hf.encode(text)) == nfc(text)
+
+
+def test_hf_tokenizer_json_equal_tiktoken(tiktoken_tok, hf_dir, tmp_path):
+    # tokenizer.json carries its own normalizer/pre-tokenizer: save the one built from the
+    # vocab files, and load it back through the tokenizer.json path.
+    hf = load_tokenizer(str(hf_dir))
+    hf._tok.save(str(tmp_path / "tokenizer.json"))
+    from_json = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert from_json.fingerprint == tiktoken_tok.fingerprint
+    for text in TEXTS:
+        assert from_json.encode(text) == tiktoken_tok.encode(text), text
+
+
+def test_long_document_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
+    import pile_prep.tokenizer as tokmod
+
+    # Indented code, blank lines with trailing spaces, CRLF, combining marks after newlines.
+    text = "".join(
+        f"Line {i}: naïve café {i * 7}\n  \n" + ("Ω" if i % 3 else "")
+        + f"    if x:\r\n\t  return {i}  \n\n\u0301 ) (\n" + ("\n   \n" * (i % 4))
+        for i in range(3000)
+    )  # fmt: skip
+    whole = tiktoken_tok.encode(text)
+    monkeypatch.setattr(tokmod, "_PIECE_CHARS", 1000)
+    pieces = tiktoken_tok.encode_pieces(text)
+    assert len(pieces) > 50
+    assert [i for p in pieces for i in p] == whole
+
+
+def test_bad_tokenizer_spec_is_clear(tmp_path):
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'gpt9'"):
+        load_tokenizer("gpt9")
+    with pytest.raises(TokenizerError, match="expected tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot load tokenizer"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_random_texts_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
+    import random
+
+    import pile_prep.tokenizer as tokmod
+
+    fragments = ["\n", "\r\n", " ", "  ", "\t", "\u3000", "\u00a0", "\x0c", "word", "Word", "'s",
+                 "42", ".", ")", "#", "é", "e\u0301", "\u0301", "東京", "🙂", "\n\n", " \n "]  # fmt: skip
+    rng = random.Random(0)
+    texts = ["".join(rng.choices(fragments, k=600)) for _ in range(300)]
+    whole = [tiktoken_tok.encode(t) for t in texts]
+    monkeypatch.setattr(tokmod, "_PIECE_CHARS", 40)
+    assert sum(len(tiktoken_tok.encode_pieces(t)) for t in texts) > 3000
+    assert [tiktoken_tok.encode(t) for t in texts] == whole
