@@ -102,7 +102,7 @@ def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json) -> None:
 @main.command("verify")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Processes checking shards; 0 = all usable cores.")
+              help="Processes checking shards; 0 = auto (all usable cores for large data).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, metavar="K",
               help="Also re-tokenize K documents from the original inputs (needs --source).")
 @click.option("--source", "sources", multiple=True, metavar="INPUT",

@@ -160,6 +160,7 @@ def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -
     if text_field not in names:
         raise InputError(path, None, f"no column {text_field!r} (columns: {', '.join(names)})")
     columns = [text_field] + (["meta"] if "meta" in names else [])
+    file_size, num_rows = path.stat().st_size, max(1, pf.metadata.num_rows)
     line, chunk_index = 1, 0
     texts: list = []
     sources: list = []
@@ -172,11 +173,12 @@ def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -
             sources += [UNKNOWN_SOURCE] * batch.num_rows
         size += batch.column(text_field).nbytes
         if size >= shard_bytes:
-            yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, 0,
+            last = line + len(texts) - 1
+            yield Chunk(index, chunk_index, str(path), line, last, file_size * last // num_rows,
                         rows=(texts, sources))  # fmt: skip
             line, chunk_index, texts, sources, size = line + len(texts), chunk_index + 1, [], [], 0
     if texts:
-        yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, 0,
+        yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, file_size,
                     rows=(texts, sources))  # fmt: skip
 
 
