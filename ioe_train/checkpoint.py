@@ -1,0 +1,133 @@
+"""Sharded, atomic, resumable checkpoints (torch.distributed.checkpoint) and the final export.
+
+output_dir/checkpoints/step_000123/ holds:
+  .metadata, __*_*.distcp   model + optimizer, sharded (DCP: each rank writes its own shards)
+  train_state.pt            step, scheduler, skipped steps (rank 0)
+  rank_00000.pt ...         per rank: data position, torch / numpy / python RNG states
+
+Each checkpoint is written to `step_000123.tmp` and renamed by rank 0 after every rank finished:
+a directory with a final name is complete. Interrupted `.tmp` directories are deleted at startup.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints under `directory` (collective: call on all ranks)."""
+
+    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int):
+        self.directory, self.keep_last, self.rank, self.world_size = directory, keep_last, rank, world_size
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("step_*.tmp"):  # a save that a crash interrupted
+                shutil.rmtree(stale)
+        dist.barrier()
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        found = [int(m.group(1)) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
+        return sorted(found)
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{step:06d}"
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any], data_state: dict[str, Any]) -> Path:  # fmt: skip
+        """Write checkpoint `step` atomically, then delete all but the `keep_last` newest."""
+        final = self.path(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            torch.save({**train_state, "step": step, "world_size": self.world_size}, tmp / "train_state.pt")
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            for old in self.steps()[: -self.keep_last]:
+                shutil.rmtree(self.path(old))
+        dist.barrier()
+        return final
+
+    def load(self, step: int, model: nn.Module,
+             optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+        """Restore model, optimizer and this rank's RNG from checkpoint `step`.
+
+        Returns (train_state, this rank's data state). On another world size the RNG streams
+        start afresh and every rank takes rank 0's data position (the memmap order is global).
+        """
+        path = self.path(step)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train_state = torch.load(path / "train_state.pt", weights_only=False)
+        same_world = train_state["world_size"] == self.world_size
+        mine = torch.load(path / f"rank_{self.rank if same_world else 0:05d}.pt", weights_only=False)
+        if same_world:
+            set_rng_state(mine["rng"])
+        return train_state, mine["data"]
+
+
+def export_model(model: nn.Module, path: Path, rank: int, extra: dict[str, Any]) -> None:
+    """Consolidated fp32 weights at `path` for `torch.load` (collective; rank 0 writes).
+
+    The file holds {"model": state_dict (plain tensors, on CPU), **extra}.
+    """
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": sd, **extra}, tmp)
+        os.replace(tmp, path)
+    dist.barrier()

@@ -1,0 +1,45 @@
+"""`ioe-train`: thin click commands over ioe_train.launch and ioe_train.train."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ioe_train.config import ConfigError
+from ioe_train.launch import LaunchOptions, launch
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Pretrain Qwen2.5-MoE models on pile-prep shards with FSDP2."""
+
+
+@main.command("launch")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--nproc-per-node", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Ranks on this node; 0 = one per visible GPU (1 on CPU).")
+@click.option("--nnodes", default="1", show_default=True, help="Nodes, or MIN:MAX.")
+@click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node).")
+@click.option("--rdzv-id", default="ioe-train", show_default=True, help="Job id, equal on all nodes.")
+@click.option("--dry-run", is_flag=True, help="Print the torchrun command and the resolved config.")
+def launch_cmd(config, overrides, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, dry_run) -> None:
+    """Train CONFIG (YAML) with a.b=value OVERRIDES under torchrun."""
+    opts = LaunchOptions(config, list(overrides), nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, dry_run)
+    try:
+        code = launch(opts)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
+
+
+@main.command("train", context_settings={"ignore_unknown_options": True})
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+def train_cmd(config, overrides) -> None:
+    """One rank's training process (what torchrun runs; use `launch` to start a run)."""
+    from ioe_train.train import main as train_main
+
+    train_main([str(config), *overrides])

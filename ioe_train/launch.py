@@ -1,0 +1,68 @@
+"""`ioe-train launch`: validate the config, then run the torchrun command that trains it.
+
+Single node: `torchrun --standalone --nproc-per-node N`. Several nodes: the same command on every
+node with `--nnodes N --rdzv-endpoint HOST:PORT` (torchrun's c10d rendezvous; no node rank needed;
+see scripts/slurm_multinode.sbatch).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ioe_train.config import ConfigError, TrainConfig, load_config
+
+
+@dataclass
+class LaunchOptions:
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+    nproc_per_node: int = 0  # 0: one per visible GPU, or 1 on CPU
+    nnodes: str = "1"  # a count or "MIN:MAX" (elastic)
+    rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous (needed when nnodes != 1)
+    rdzv_id: str = "ioe-train"  # the job's id, equal on every node
+    dry_run: bool = False
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Open the shard directories' manifests (no token data) so a bad path fails here, not on 16 ranks."""
+    if cfg.data.source != "memmap":
+        return
+    from pile_prep.reader import ShardDataset, ShardError
+
+    for key, dirs in (("data.train_dirs", cfg.data.train_dirs), ("data.val_dirs", cfg.data.val_dirs)):
+        if dirs:
+            try:
+                ShardDataset(dirs)
+            except ShardError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+
+def torchrun_command(opts: LaunchOptions) -> list[str]:
+    nproc = opts.nproc_per_node or max(1, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if opts.nnodes == "1" and opts.rdzv_endpoint is None:
+        cmd.append("--standalone")  # a local rendezvous on a free port
+    else:
+        if opts.rdzv_endpoint is None:
+            raise ConfigError(f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT")
+        cmd += [f"--nnodes={opts.nnodes}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={opts.rdzv_endpoint}", f"--rdzv-id={opts.rdzv_id}"]  # fmt: skip
+    return cmd + ["-m", "ioe_train.train", str(opts.config), *opts.overrides]
+
+
+def launch(opts: LaunchOptions) -> int:
+    """Validate, then run torchrun (or print its command and the resolved config); its exit code."""
+    cfg = load_config(opts.config, opts.overrides)
+    check_data(cfg)
+    cmd = torchrun_command(opts)
+    if opts.dry_run:
+        print(shlex.join(cmd))
+        print(cfg.to_yaml(), end="")
+        return 0
+    return subprocess.call(cmd)

@@ -1,0 +1,232 @@
+"""Qwen2.5-0.5B-architecture decoders built from torchtune blocks, with MoE or dense MLPs.
+
+B batch, S sequence length, D model dim, V vocabulary, L layers, E experts.
+
+`logits, router_loss, aux_loss = model(tokens)`: router_loss and aux_loss are summed over layers
+(zeros for a dense model). Each block returns its own losses and expert load as outputs, and the
+root (never recomputed) sums and stores them: activation checkpointing a block re-runs its forward
+in backward but cannot count it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
+from torchtune.modules import FeedForward, MultiHeadAttention, RMSNorm, TiedLinear
+
+from ioe_train.moe import ROUTERS, MoE, MoEConfig, swiglu_mlp
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Dimensions of a decoder."""
+
+    vocab_size: int
+    num_layers: int
+    dim: int  # D
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (grouped-query attention)
+    hidden_dim: int  # hidden size of the dense SwiGLU MLP
+    max_seq_len: int  # RoPE cache length
+    rope_base: float = 1_000_000.0
+    norm_eps: float = 1e-6
+
+
+# Qwen2.5-0.5B (tied embeddings, QKV bias); its 151,936 ids include padding past the tokenizer's.
+QWEN2_5_0_5B = Arch(
+    vocab_size=151_936, num_layers=24, dim=896, num_heads=14, num_kv_heads=2, hidden_dim=4864, max_seq_len=32_768
+)
+TINY = Arch(vocab_size=512, num_layers=2, dim=64, num_heads=4, num_kv_heads=2, hidden_dim=128, max_seq_len=512)
+
+# name -> (architecture, whether its MLPs are MoE layers)
+PRESETS: dict[str, tuple[Arch, bool]] = {
+    "qwen2_5_moe": (QWEN2_5_0_5B, True),
+    "qwen2_5_dense": (QWEN2_5_0_5B, False),
+    "tiny_moe": (TINY, True),
+    "tiny_dense": (TINY, False),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build."""
+
+    name: str = "qwen2_5_moe"  # a key of PRESETS
+    moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers; unused by *_dense presets
+    vocab_size: int | None = None  # None = the preset's (151,936 for Qwen2.5)
+    max_seq_len: int | None = None  # None = the preset's (32,768 for Qwen2.5)
+
+    def __post_init__(self) -> None:
+        if self.name not in PRESETS:
+            raise ValueError(f"name must be one of {sorted(PRESETS)}, got {self.name!r}")
+        for key in ("vocab_size", "max_seq_len"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1 or None, got {value}")
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
+
+    forward(x [B, S, D]) -> (out [B, S, D], router_loss, aux_loss, tokens_per_expert [E],
+    router_entropy): tensors only, so checkpoint_wrapper, fully_shard and torch.compile apply per
+    block. A dense block returns zero losses, tokens_per_expert of shape [0] and zero entropy.
+    """
+
+    def __init__(self, attn: MultiHeadAttention, mlp: MoE | FeedForward, sa_norm: RMSNorm, mlp_norm: RMSNorm) -> None:
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.sa_norm = sa_norm
+        self.mlp_norm = mlp_norm
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        normed = self.sa_norm(x)
+        h = x + self.attn(normed, normed)  # causal: no mask, no KV cache
+        if isinstance(self.mlp, MoE):
+            y, router_loss, aux_loss, tokens_per_expert, router_entropy = self.mlp.forward_with_stats(self.mlp_norm(h))
+            return h + y, router_loss, aux_loss, tokens_per_expert, router_entropy
+        zero = x.new_zeros((), dtype=torch.float32)
+        return h + self.mlp(self.mlp_norm(h)), zero, zero, x.new_zeros(0, dtype=torch.float32), zero
+
+
+class Decoder(nn.Module):
+    """Token embeddings -> blocks -> RMSNorm -> tied output projection.
+
+    After each forward of a MoE model, `tokens_per_expert` [L, E] and `router_entropy` [L] hold
+    that forward's detached expert load (overwritten, never accumulated); see `expert_stats`.
+    """
+
+    def __init__(self, arch: Arch, moe: MoEConfig | None) -> None:
+        super().__init__()
+        if moe is not None and moe.expert_hidden_dim == 0:  # FLOP-matched to the dense MLP
+            moe = replace(moe, expert_hidden_dim=arch.hidden_dim // ROUTERS[moe.router].active_experts(moe))
+        self.arch = arch
+        self.vocab_size = arch.vocab_size
+        self.max_seq_len = arch.max_seq_len
+        head_dim = arch.dim // arch.num_heads
+        rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=arch.max_seq_len, base=arch.rope_base)
+        self.tok_embeddings = nn.Embedding(arch.vocab_size, arch.dim)
+        self.layers = nn.ModuleList([_block(arch, head_dim, rope, moe) for _ in range(arch.num_layers)])
+        self.norm = RMSNorm(arch.dim, eps=arch.norm_eps)
+        self.output = TiedLinear(self.tok_embeddings)  # not a module: the weight lives in tok_embeddings
+        self.tokens_per_expert: Tensor | None = None
+        self.router_entropy: Tensor | None = None
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens: [B, S] int64 -> logits [B, S, V] (parameter dtype), router_loss, aux_loss (fp32)."""
+        if tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # [B, S, D]
+        router_loss = aux_loss = h.new_zeros((), dtype=torch.float32)
+        loads, entropies = [], []
+        for layer in self.layers:
+            h, layer_router_loss, layer_aux_loss, load, layer_entropy = layer(h)
+            router_loss = router_loss + layer_router_loss
+            aux_loss = aux_loss + layer_aux_loss
+            loads.append(load)
+            entropies.append(layer_entropy)
+        if loads[0].numel():
+            self.tokens_per_expert = torch.stack(loads)  # [L, E]
+            self.router_entropy = torch.stack(entropies)  # [L]
+        return self.output(self.norm(h)), router_loss, aux_loss
+
+
+def _block(arch: Arch, head_dim: int, rope: nn.Module, moe: MoEConfig | None) -> Block:
+    d = arch.dim
+    attn = MultiHeadAttention(
+        embed_dim=d,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=head_dim,
+        q_proj=nn.Linear(d, arch.num_heads * head_dim, bias=True),
+        k_proj=nn.Linear(d, arch.num_kv_heads * head_dim, bias=True),
+        v_proj=nn.Linear(d, arch.num_kv_heads * head_dim, bias=True),
+        output_proj=nn.Linear(arch.num_heads * head_dim, d, bias=False),
+        pos_embeddings=rope,
+        max_seq_len=arch.max_seq_len,
+    )
+    mlp = MoE(d, moe) if moe is not None else swiglu_mlp(d, arch.hidden_dim)
+    return Block(attn, mlp, RMSNorm(d, eps=arch.norm_eps), RMSNorm(d, eps=arch.norm_eps))
+
+
+def qwen2_5_moe(moe: MoEConfig | None = None, **overrides) -> Decoder:
+    """Qwen2.5-0.5B with every MLP a MoE layer (default: top-2 of 8, FLOP-matched experts)."""
+    return Decoder(replace(QWEN2_5_0_5B, **overrides), moe or MoEConfig())
+
+
+def qwen2_5_dense(**overrides) -> Decoder:
+    """Qwen2.5-0.5B with its dense SwiGLU MLPs: the baseline."""
+    return Decoder(replace(QWEN2_5_0_5B, **overrides), None)
+
+
+def tiny_moe(moe: MoEConfig | None = None, **overrides) -> Decoder:
+    """A 2-layer, dim-64 MoE model for tests and smoke runs."""
+    return Decoder(replace(TINY, **overrides), moe or MoEConfig())
+
+
+def tiny_dense(**overrides) -> Decoder:
+    """The dense twin of `tiny_moe`."""
+    return Decoder(replace(TINY, **overrides), None)
+
+
+def build_model(cfg: ModelConfig) -> Decoder:
+    """The model `cfg` names; safe under `torch.device("meta")` (then to_empty + init_weights)."""
+    arch, is_moe = PRESETS[cfg.name]
+    overrides = {k: v for k, v in (("vocab_size", cfg.vocab_size), ("max_seq_len", cfg.max_seq_len)) if v is not None}
+    return Decoder(replace(arch, **overrides), cfg.moe if is_moe else None)
+
+
+def init_weights(model: Decoder, std: float = 0.02) -> None:
+    """Initialise every parameter and rebuild the RoPE cache, in place, on the model's device.
+
+    Linear and embedding weights ~ N(0, std), biases 0, norms 1; other modules with parameters
+    of their own (experts, a router's prior) define `init_params(std)`. Deterministic given
+    torch.manual_seed. Raises if a parameter has no rule, so a new router cannot be left as
+    to_empty's garbage.
+    """
+    device = model.tok_embeddings.weight.device
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.scale)
+        elif hasattr(module, "init_params"):
+            module.init_params(std)
+        if hasattr(module, "rope_init"):  # non-persistent cos/sin cache: garbage after to_empty
+            with torch.device(device):
+                module.rope_init()
+        done.update(id(p) for p in module.parameters(recurse=False))
+    missing = [name for name, p in model.named_parameters() if id(p) not in done]
+    if missing:
+        raise RuntimeError(f"init_weights has no rule for {missing}: give their module an init_params(std)")
+
+
+def count_params(model: Decoder) -> tuple[int, int]:
+    """(total, active per token). Tied embeddings count once; a token uses all non-expert
+    parameters and `router.active_experts` of each MoE layer's E experts."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            expert_params = sum(p.numel() for p in module.experts.parameters())
+            active = module.router.active_experts(module.cfg)
+            inactive += expert_params * (module.cfg.num_experts - active) // module.cfg.num_experts
+    return total, total - inactive
+
+
+def expert_stats(model: Decoder) -> dict[str, Tensor]:
+    """The latest forward's expert load: tokens_per_expert [L, E] (top-k: routed slots, summing
+    to B*S*K per layer; ioe: soft counts summing to B*S) and router_entropy [L] (nats).
+    Empty for a dense model or before the first forward."""
+    if model.tokens_per_expert is None:
+        return {}
+    return {"tokens_per_expert": model.tokens_per_expert, "router_entropy": model.router_entropy}

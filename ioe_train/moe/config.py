@@ -1,0 +1,55 @@
+"""Configuration of one Mixture-of-Experts layer (every MoE layer of a model shares it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ioe_train.moe.router import ROUTERS
+
+EXPERT_PATHS = ("auto", "grouped", "loop")
+AUX_LOSS_SCOPES = ("microbatch", "global")
+
+
+@dataclass
+class MoEConfig:
+    """A MoE layer: experts, the router that picks or merges them, and the router's losses."""
+
+    num_experts: int = 8  # E: SwiGLU experts per layer
+    top_k: int = 2  # K: experts per token for the `topk` router (IoE merges all E instead)
+    # SwiGLU hidden size of one expert; 0 = the dense MLP's hidden size divided by the router's
+    # active experts (4864 / 2 = 2432 for Qwen2.5-0.5B with top-2): the dense model's active FLOPs.
+    expert_hidden_dim: int = 0
+    shared_expert_hidden_dim: int = 0  # hidden size of an always-on shared SwiGLU expert; 0 = none
+    router: str = "topk"  # a key of ioe_train.moe.router.ROUTERS: "topk" | "ioe"
+    renormalize: bool = True  # topk: rescale the K gate weights to sum to 1 (Mixtral, Qwen-MoE)
+    z_loss_coef: float = 1e-3  # weight of the ST-MoE router z-loss inside `router_loss`
+    jitter: float = 0.0  # training-time router input noise x * U(1 - j, 1 + j) (Switch); 0 = off
+    ioe_segment_len: int = 64  # ioe: tokens per segment sharing one merged expert
+    # Expert matmuls: "grouped" (torch._grouped_mm), "loop" (one matmul per expert on its slice of
+    # the expert-sorted tokens; exact, host-syncs), or "auto" (per device: experts.expert_path).
+    grouped_mm: str = "auto"
+    # Tokens the load-balancing counts cover: "microbatch" (this rank's forward) or "global"
+    # (counts summed over data-parallel ranks by MoE.reduce_counts, as Megatron's global_aux_loss).
+    aux_loss_scope: str = "microbatch"
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.expert_hidden_dim < 0:
+            raise ValueError(f"expert_hidden_dim must be >= 0, got {self.expert_hidden_dim}")
+        if self.shared_expert_hidden_dim < 0:
+            raise ValueError(f"shared_expert_hidden_dim must be >= 0, got {self.shared_expert_hidden_dim}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        if self.z_loss_coef < 0:
+            raise ValueError(f"z_loss_coef must be >= 0, got {self.z_loss_coef}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if self.ioe_segment_len < 1:
+            raise ValueError(f"ioe_segment_len must be >= 1, got {self.ioe_segment_len}")
+        if self.grouped_mm not in EXPERT_PATHS:
+            raise ValueError(f"grouped_mm must be one of {EXPERT_PATHS}, got {self.grouped_mm!r}")
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"aux_loss_scope must be one of {AUX_LOSS_SCOPES}, got {self.aux_loss_scope!r}")

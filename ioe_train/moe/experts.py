@@ -1,0 +1,99 @@
+"""E SwiGLU experts stored as stacked weights and computed for all experts at once.
+
+N routed rows (tokens x slots, sorted by expert), D model dim, H expert hidden dim, E experts,
+M merged experts (IoE segments).
+
+Two exact paths compute the expert-sorted rows (they agree to fp32 rounding, see tests):
+- "grouped": torch._grouped_mm over all experts (one call for gate+up, one for down).
+- "loop": one plain matmul per expert on its contiguous slice of the sorted rows (a loop over E
+  experts, never over tokens). It needs the per-expert counts on the host (a sync, and a graph
+  break under torch.compile).
+
+`_grouped_mm` is only fast where PyTorch has a grouped-GEMM kernel: CUDA SM90/SM100 (H100, B200)
+in bf16, and ROCm gfx942/gfx950 (MI300, MI350) built with CK. Everywhere else on a GPU (A100,
+MI250X = gfx90a) it falls back to a host sync plus one matmul per group, i.e. "loop" in disguise.
+gfx90a reports device capability (9, 0), so a `capability >= (9, 0)` test would wrongly pick it
+on MI250X: `expert_path` checks the ROCm arch name before the CUDA capability. On CPU the
+fallback's host sync costs nothing and "grouped" still beat "loop" fwd+bwd (by 3% in bf16, 12%
+in fp32 on a 2-core Xeon; benchmarks/bench_moe.py, numbers in docs/MOE.md). Under torch.compile
+only bf16 can take "grouped" (the op's meta kernel rejects other dtypes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ROCm archs with a CK grouped-GEMM kernel behind torch._grouped_mm.
+_ROCM_GROUPED_ARCHS = ("gfx942", "gfx950")
+# torch._grouped_mm has a CPU kernel from torch 2.9 (2.8 raises NotImplementedError on CPU).
+_CPU_GROUPED = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
+# Its kernels need 16-byte-aligned row strides: D and H multiples of 8 cover fp32 and bf16.
+_ALIGN = 8
+
+
+def expert_path(device: torch.device, dtype: torch.dtype) -> str:
+    """The faster exact expert path on `device` for `dtype`: "grouped" or "loop" (see module doc)."""
+    if not hasattr(torch, "_grouped_mm"):  # torch < 2.8
+        return "loop"
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return "loop"  # torch 2.13's meta kernel for _grouped_mm (used while tracing) takes bf16 only
+    if device.type == "cpu":
+        return "grouped" if _CPU_GROUPED else "loop"  # measured faster fwd+bwd than "loop" (docs/MOE.md)
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return "loop"  # the grouped kernels are bf16-only; other dtypes take the per-group fallback
+    if torch.version.hip is not None:
+        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        return "grouped" if arch in _ROCM_GROUPED_ARCHS else "loop"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "grouped" if major in (9, 10) else "loop"
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for a fused [..., 2H] projection, as Qwen's MLP. Returns [..., H]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Experts(nn.Module):
+    """E SwiGLU FFNs, out = (silu(x Wg_e) * (x Wu_e)) Wd_e, with [Wg_e | Wu_e] fused."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, path: str = "auto") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.path = path  # "auto" | "grouped" | "loop"
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))  # [E, D, 2H]
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # [E, H, D]
+
+    def init_params(self, std: float) -> None:
+        nn.init.normal_(self.w_gate_up, std=std)
+        nn.init.normal_(self.w_down, std=std)
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Run rows sorted by expert through their experts.
+
+        x: [N, D] rows grouped by expert (expert 0's rows first); counts: [E] rows per expert.
+        Returns [N, D].
+        """
+        path = self.path
+        if path == "auto":
+            aligned = x.shape[1] % _ALIGN == 0 and self.w_down.shape[1] % _ALIGN == 0
+            path = expert_path(x.device, x.dtype) if aligned else "loop"
+        if path == "grouped":
+            offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's group
+            h = swiglu(torch._grouped_mm(x, self.w_gate_up, offs=offs))  # [N, H]
+            return torch._grouped_mm(h, self.w_down, offs=offs)  # [N, D]
+        chunks = x.split(counts.tolist())  # host sync
+        out = [swiglu(xe @ self.w_gate_up[e]) @ self.w_down[e] for e, xe in enumerate(chunks)]
+        return torch.cat(out)  # [N, D]
+
+    def merge(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Merged experts W_m = sum_e weights[m, e] W_e, for routers that mix parameters.
+
+        weights: [M, E]. Returns gate+up [M, D, 2H] and down [M, H, D].
+        """
+        weights = weights.to(self.w_gate_up.dtype)
+        w_gate_up = torch.einsum("me,edh->mdh", weights, self.w_gate_up)
+        w_down = torch.einsum("me,ehd->mhd", weights, self.w_down)
+        return w_gate_up, w_down

@@ -1,0 +1,182 @@
+"""Routers: how the tokens of a sequence use the E experts. The one place to try a new idea.
+
+B batch, S sequence length, T = B * S tokens, D model dim, E experts, K experts per token,
+L IoE segment length, N = ceil(S / L) segments per sequence.
+
+A router gets the layer input and the stacked experts and returns a `Routed`: the output and its
+losses and statistics. It may dispatch tokens to experts (`TopKRouter`) or merge expert
+parameters (`IoERouter`). To add one: subclass `Router`, add it to `ROUTERS`, select it with
+`MoEConfig.router`. Its rules: stay causal (position t's output may depend on tokens <= t only),
+route identically when re-run on the same input and RNG state (activation checkpointing recomputes
+the forward), return zeros for a loss that does not apply.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ioe_train.moe.experts import Experts, swiglu
+from ioe_train.moe.losses import ReduceFn, entropy, load_balancing_loss, z_loss
+
+if TYPE_CHECKING:
+    from ioe_train.moe.config import MoEConfig
+
+
+class Routed(NamedTuple):
+    """What a router returns. Losses are fp32 scalars; statistics are detached."""
+
+    out: Tensor  # [B, S, D]
+    router_loss: Tensor  # z_loss_coef * router z-loss
+    aux_loss: Tensor  # load-balancing loss, unweighted (the trainer applies its weight)
+    tokens_per_expert: Tensor  # [E] fp32: how much of this micro-batch's tokens each expert took
+    entropy: Tensor  # mean entropy of the routing distributions, nats
+
+
+class Router(nn.Module, ABC):
+    """Interface of a router: `routed = router(x, experts, reduce_counts)`."""
+
+    @classmethod
+    @abstractmethod
+    def active_experts(cls, cfg: MoEConfig) -> int:
+        """Experts' worth of FLOPs (and parameters) that one token uses."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+        """x: [B, S, D]. reduce_counts sums per-expert counts over data-parallel ranks, or is None."""
+
+
+def _jitter(x: Tensor, amount: float, training: bool) -> Tensor:
+    """Switch-Transformer router noise: x * U(1 - amount, 1 + amount), in training only."""
+    if not training or amount == 0.0:
+        return x
+    return x * torch.empty_like(x).uniform_(1.0 - amount, 1.0 + amount)
+
+
+def _count(indices: Tensor, num_experts: int) -> Tensor:
+    """Occurrences of each expert id in `indices`: [E] int64 (static shape, unlike bincount)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+class TopKRouter(Router):
+    """Token choice top-K softmax gating (Mixtral, Qwen-MoE); dropless.
+
+    probs = softmax(x W_r); each token runs through its K most probable experts and its output is
+    sum_k w_k expert_k(x), with w the top-K probs (renormalised to sum to 1 if `renormalize`).
+    No token is dropped for capacity, so a token's output never depends on other tokens.
+    Load-balancing statistics count the T * K routed slots of this micro-batch (all B sequences
+    together), or of all data-parallel ranks when `reduce_counts` is given.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.top_k = cfg.top_k
+        self.renormalize = cfg.renormalize
+        self.z_loss_coef = cfg.z_loss_coef
+        self.jitter = cfg.jitter
+
+    @classmethod
+    def active_experts(cls, cfg: MoEConfig) -> int:
+        return cfg.top_k
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x: [T, D] -> logits [T, E], probs [T, E], weights [T, K] (fp32), indices [T, K]."""
+        x = _jitter(x, self.jitter, self.training)
+        # fp32 routing: bf16 logits flip near-tied top-k choices between forward and recompute.
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        probs = logits.softmax(dim=-1)  # [T, E]
+        weights, indices = probs.topk(self.top_k, dim=-1)  # [T, K], [T, K]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, indices
+
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+        b, s, d = x.shape
+        x = x.reshape(b * s, d)  # [T, D]
+        logits, probs, weights, indices = self.route(x)
+        flat = indices.reshape(-1)  # [T*K] expert of each (token, slot)
+        order = torch.argsort(flat, stable=True)  # [T*K] slots grouped by expert, token order kept
+        counts = _count(flat, experts.num_experts)  # [E]
+        y = experts(x[order // self.top_k], counts)  # [T*K, D] in expert order
+        y = torch.zeros_like(y).index_copy(0, order, y)  # [T*K, D] back in (token, slot) order
+        out = (y.view(b * s, self.top_k, d) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)  # [T, D]
+        return Routed(
+            out=out.view(b, s, d),
+            router_loss=self.z_loss_coef * z_loss(logits),
+            aux_loss=load_balancing_loss(probs, counts, reduce_counts),
+            tokens_per_expert=counts.float(),
+            entropy=entropy(probs).detach(),
+        )
+
+
+class IoERouter(Router):
+    """Interpolation of Experts: mix expert parameters, not expert outputs (SMEAR, Lory).
+
+    Each sequence is cut into segments of L tokens. Segment s runs through one merged SwiGLU
+    W_s = sum_e g_{s,e} W_e whose weights come from the previous segment only, which keeps it
+    causal: g_s = softmax(W_r mean(h over segment s-1)) for s >= 1 (Lory), and g_0 = softmax of
+    a learned prior (zeros at init = uniform). Cost: a segment's merge is E * 3DH multiply-adds
+    against its L * 3DH of matmul, and B * N merged experts live in memory at once.
+
+    Losses are over the B * (N - 1) routed segments (zero if N = 1; the prior is not routed):
+    z-loss of their logits, and the Switch loss with f_e the fraction of routed segments whose
+    largest weight is e (over this micro-batch, or all ranks with `reduce_counts`). Statistics:
+    tokens_per_expert_e = sum over tokens of g_e (soft counts summing to T); entropy of g over
+    all B * N segments.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.prior = nn.Parameter(torch.empty(cfg.num_experts))  # [E] logits of segment 0
+        self.segment_len = cfg.ioe_segment_len
+        self.z_loss_coef = cfg.z_loss_coef
+        self.jitter = cfg.jitter
+
+    def init_params(self, std: float) -> None:
+        nn.init.zeros_(self.prior)
+
+    @classmethod
+    def active_experts(cls, cfg: MoEConfig) -> int:
+        return 1
+
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+        b, s, d = x.shape
+        seg = self.segment_len
+        n = -(-s // seg)
+        e = experts.num_experts
+        xs = F.pad(x, (0, 0, 0, n * seg - s)).view(b, n, seg, d)  # [B, N, L, D], zero-padded tail
+        summary = xs[:, :-1].float().mean(dim=2)  # [B, N-1, D] segments 0..N-2, all full
+        summary = _jitter(summary, self.jitter, self.training)
+        logits = F.linear(summary, self.gate.weight.float()).reshape(-1, e)  # [B*(N-1), E]
+        probs = logits.softmax(dim=-1)  # [B*(N-1), E]
+        prior = self.prior.float().softmax(dim=-1).expand(b, 1, e)  # [B, 1, E]
+        g = torch.cat([prior, probs.view(b, n - 1, e)], dim=1)  # [B, N, E] weights of segment s
+
+        w_gate_up, w_down = experts.merge(g.reshape(b * n, e))  # [B*N, D, 2H], [B*N, H, D]
+        h = swiglu(torch.bmm(xs.reshape(b * n, seg, d), w_gate_up))  # [B*N, L, H]
+        out = torch.bmm(h, w_down).view(b, n * seg, d)[:, :s]  # [B, S, D]
+
+        zero = x.new_zeros((), dtype=torch.float32)
+        if n > 1:
+            router_loss = self.z_loss_coef * z_loss(logits)
+            aux_loss = load_balancing_loss(probs, _count(probs.argmax(dim=-1), e), reduce_counts)
+        else:
+            router_loss, aux_loss = zero, zero
+        seg_tokens = torch.full((n,), seg, dtype=torch.float32, device=x.device)  # [N]
+        seg_tokens[-1] = s - (n - 1) * seg
+        tokens_per_expert = (g.detach() * seg_tokens[:, None]).sum(dim=(0, 1))  # [E]
+        return Routed(out, router_loss, aux_loss, tokens_per_expert, entropy(g.reshape(-1, e)).detach())
+
+
+# The one place to register a router: MoEConfig.router selects a key.
+ROUTERS: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "ioe": IoERouter,
+}

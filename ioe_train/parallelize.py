@@ -1,0 +1,108 @@
+"""The one place that makes a single-device model distributed: AC, compile, then FSDP2.
+
+Per transformer block, in this order (torchtitan's): activation checkpointing, `torch.compile`,
+`fully_shard`; then `fully_shard` of the root, whose unit holds the tied embedding/output weight
+and the final norm. Model code never imports torch.distributed: the MoE layers' global
+load-balancing counts get their all-reduce here (`MoE.reduce_counts`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from ioe_train.config import ParallelConfig
+from ioe_train.moe import Experts, MoE
+
+_aten = torch.ops.aten
+# Ops whose outputs activation checkpointing keeps instead of recomputing. The router's top-k is
+# always kept: a recomputed forward then routes exactly as the first one did, even where bf16
+# matmuls differ in the last bit. "selective" also keeps attention (the costliest op to redo).
+_KEEP_ALWAYS = {_aten.topk.default}
+_KEEP_SELECTIVE = _KEEP_ALWAYS | {
+    getattr(_aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(_aten, name)
+}  # fmt: skip
+
+
+def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    """bf16 parameters in forward/backward where chosen, or by default where the GPU supports it."""
+    if cfg.mixed_precision == "bf16":
+        return torch.bfloat16
+    if cfg.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # CPU default: fp32 keeps runs bit-reproducible
+
+
+def _keep_policy(keep: set, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(block: nn.Module, mode: str) -> nn.Module:
+    keep = _KEEP_SELECTIVE if mode == "selective" else _KEEP_ALWAYS
+    context = partial(create_selective_checkpoint_contexts, partial(_keep_policy, keep))
+    return checkpoint_wrapper(block, context_fn=context, preserve_rng_state=True)
+
+
+def expert_placement(mesh_size: int, param: nn.Parameter) -> Shard:
+    """Shard experts [E, ., .] along their largest dim when E < ranks.
+
+    fully_shard's default Shard(0) would give 8 experts on 16 ranks one row each and leave half
+    the ranks holding padding only (no memory saved there, no work balanced).
+    """
+    if param.ndim >= 2 and param.shape[0] < mesh_size:
+        return Shard(max(range(param.ndim), key=lambda d: (param.shape[d], -d)))
+    return Shard(0)
+
+
+def _placement_fn(model: nn.Module, mesh_size: int):
+    expert_params = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+
+    def place(param: nn.Parameter) -> Shard:
+        return expert_placement(mesh_size, param) if id(param) in expert_params else Shard(0)
+
+    return place
+
+
+def set_global_counts(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Give every MoE layer the all-reduce that sums its expert counts over data-parallel ranks."""
+
+    def reduce_counts(counts: torch.Tensor) -> torch.Tensor:
+        return funcol.all_reduce(counts, "sum", mesh)
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.reduce_counts = reduce_counts
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """Wrap `model` (built on any device, typically meta) in place for data-parallel training.
+
+    `model.layers` blocks become checkpointed (per cfg.activation_checkpointing), compiled (per
+    cfg.compile) and FSDP units; the root becomes the last unit. Returns the model.
+    """
+    set_global_counts(model, mesh)
+    dtype = param_dtype(cfg, device)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    fsdp = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=_placement_fn(model, mesh.size()))
+    for i, block in enumerate(model.layers):
+        if cfg.activation_checkpointing != "none":
+            block = _checkpointed(block, cfg.activation_checkpointing)
+        if cfg.compile:
+            block.compile()  # in place: parameter names (and checkpoints) stay the same
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        last = i == len(model.layers) - 1
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward and not last, **fsdp)
+        model.layers[i] = block
+    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **fsdp)
+    return model

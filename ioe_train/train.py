@@ -1,0 +1,260 @@
+"""The training loop, one process per rank (`torchrun ... -m ioe_train.train CONFIG [a.b=value]`).
+
+B micro-batch samples, S seq_len, A gradient-accumulation steps, W ranks, L layers, E experts.
+The model is built on the meta device, parallelized (ioe_train.parallelize), materialised on this
+rank's device and initialised; then each step runs A forward/backward passes, checks the loss,
+clips, updates, and logs, evaluates and checkpoints on their intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+from ioe_train.checkpoint import Checkpointer, export_model
+from ioe_train.config import ConfigError, TrainConfig, load_config
+from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader
+from ioe_train.loss import microbatch_loss, per_source_sums, token_ce_sum, total_loss
+from ioe_train.metrics import (
+    MetricsLogger,
+    flops_per_token,
+    format_line,
+    memory_gib,
+    peak_flops,
+)
+from ioe_train.model import build_model, count_params, expert_stats, init_weights
+from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from ioe_train.parallelize import parallelize
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf and `on_nonfinite` is "stop"."""
+
+
+@dataclass
+class StepResult:
+    ce: float  # mean over the step's label tokens, all ranks
+    aux: float  # mean over micro-batches and ranks (unweighted)
+    router: float
+    total: float
+    grad_norm: float
+    finite: bool
+    expert_load: np.ndarray | None  # [L, E] summed over micro-batches and ranks, when asked
+    router_entropy: np.ndarray | None  # [L] mean over micro-batches and ranks
+
+
+def select_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' but torch sees no CUDA/ROCm device")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
+               want_experts: bool) -> StepResult:  # fmt: skip
+    """A forward/backward passes, the reductions and clipping; leaves the gradients for the update."""
+    a = cfg.grad_accum_steps
+    tokens_per_rank_step = a * cfg.micro_batch_size * cfg.data.seq_len
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, aux, router
+    load = entropy = None
+    for _ in range(a):
+        batch = next(batches)
+        inputs = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        logits, router_loss, aux_loss = model(inputs)
+        ce_sum = token_ce_sum(logits, labels)
+        loss = microbatch_loss(ce_sum, router_loss, aux_loss, tokens_per_rank_step=tokens_per_rank_step,
+                               grad_accum=a, load_balancing_loss_weight=cfg.load_balancing_loss_weight)
+        del logits
+        loss.backward()
+        sums += torch.stack([ce_sum.detach(), aux_loss.detach(), router_loss.detach()]).double()
+        stats = expert_stats(model) if want_experts else {}
+        if stats:
+            load = stats["tokens_per_expert"] + (0 if load is None else load)
+            entropy = stats["router_entropy"] + (0 if entropy is None else entropy)
+    dist.all_reduce(sums)
+    world = dist.get_world_size()
+    ce = sums[0].item() / (tokens_per_rank_step * world)
+    aux, router = sums[1].item() / (a * world), sums[2].item() / (a * world)
+    grad_norm = clip_grad_norm([p for p in model.parameters()], cfg.optim.max_grad_norm).item()
+    total = total_loss(torch.tensor(ce), torch.tensor(router), torch.tensor(aux),
+                       cfg.load_balancing_loss_weight).item()  # fmt: skip
+    finite = math.isfinite(total) and math.isfinite(grad_norm)
+    if load is not None:
+        packed = torch.cat([load.float().flatten(), entropy.float()])
+        dist.all_reduce(packed)
+        layers = entropy.numel()
+        load_np = packed[:-layers].view(layers, -1).cpu().numpy()
+        entropy_np = packed[-layers:].cpu().numpy() / (a * world)
+    else:
+        load_np = entropy_np = None
+    return StepResult(ce, aux, router, total, grad_norm, finite, load_np, entropy_np)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, eval_set: EvalSet, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Validation loss per label token, overall and per pile_set_name (all ranks' samples)."""
+    model.eval()
+    n = len(eval_set.source_names)
+    sums = torch.zeros(n, dtype=torch.float64, device=device)
+    counts = torch.zeros(n, dtype=torch.float64, device=device)
+    batch_size = cfg.eval.batch_size or cfg.micro_batch_size
+    for batch in eval_set.batches(batch_size, cfg.eval.max_batches):
+        logits, _, _ = model(batch["input_ids"].to(device))
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(device).flatten(),
+                                 reduction="none")  # [B*S]  # fmt: skip
+        s, c = per_source_sums(losses, batch["source_ids"].to(device), n)
+        sums += s
+        counts += c
+    dist.all_reduce(sums)
+    dist.all_reduce(counts)
+    model.train()
+    out = {"val/loss": (sums.sum() / counts.sum().clamp(min=1)).item()}
+    for i, name in enumerate(eval_set.source_names):
+        if counts[i] > 0:
+            out[f"val/loss/{name}"] = (sums[i] / counts[i]).item()
+    return out
+
+
+def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict[str, float]:
+    """Run (or resume) the training that `cfg` describes on this rank; return the last metrics.
+
+    Needs an initialised default process group of `world_size` ranks.
+    """
+    device = select_device(cfg.device, local_rank)
+    mesh = init_device_mesh(device.type, (world_size,))
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    loader = build_train_loader(cfg.data, cfg.micro_batch_size, rank, world_size, out / "data_index")
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    data_vocab = getattr(getattr(loader, "ds", None), "vocab_size", 0)
+    if model.vocab_size < data_vocab:
+        raise ConfigError(f"model.vocab_size: {model.vocab_size} < the data's tokenizer vocabulary "
+                          f"{data_vocab}; use 151936 (Qwen2.5)")  # fmt: skip
+    total_params, active_params = count_params(model)
+    parallelize(model, cfg.parallel, mesh, device)
+    model.to_empty(device=device)
+    init_weights(model)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+
+    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world_size)
+    step, skipped = 0, 0
+    done = ckpt.steps() if cfg.checkpoint.resume else []
+    if done:
+        state, data_state = ckpt.load(done[-1], model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(data_state)
+        step, skipped = state["step"], state["skipped_steps"]
+    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step)
+    if rank == 0:
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    arch = model.arch
+    fpt = flops_per_token(active_params, arch.num_layers, arch.dim, cfg.data.seq_len)
+    peak = peak_flops(device)
+    log.line(f"{cfg.model.name}: {total_params / 1e6:.1f}M parameters, {active_params / 1e6:.1f}M active "
+             f"per token; {world_size} ranks on {device.type}; "
+             + (f"resumed at step {step}" if step else "starting"))  # fmt: skip
+    eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
+    tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
+
+    batches = iter(loader)
+    metrics: dict[str, float] = {}
+    timer, timed_tokens = time.perf_counter(), 0
+    while step < cfg.steps:
+        step += 1
+        want_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
+        r = train_step(model, batches, cfg, device, want_experts)
+        if not r.finite:
+            what = f"step {step}: loss {r.total} (ce {r.ce}, aux {r.aux}, router {r.router}), grad norm {r.grad_norm}"
+            if cfg.on_nonfinite == "stop":
+                last = ckpt.steps()
+                raise NonFiniteLossError(
+                    f"{what} is not finite; stopped without updating or saving. Last checkpoint: "
+                    f"{ckpt.path(last[-1]) if last else 'none'}. Lower optim.lr, or set "
+                    "on_nonfinite=skip to skip such steps"
+                )
+            skipped += 1
+            log.line(f"{what} is not finite: step skipped (on_nonfinite=skip)")
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        timed_tokens += tokens_per_step
+
+        if step % cfg.logging.interval == 0 or step == cfg.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - timer
+            metrics = {"loss/total": r.total, "loss/ce": r.ce, "loss/aux": r.aux, "loss/router": r.router,
+                       "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": timed_tokens / elapsed,
+                       "memory_gib": memory_gib(device), "skipped_steps": skipped}  # fmt: skip
+            if peak:
+                metrics["mfu"] = fpt * metrics["tokens_per_s"] / (peak * world_size)
+            log.scalars(step, metrics)
+            log.line(format_line(step, cfg.steps, metrics))
+            timer, timed_tokens = time.perf_counter(), 0
+        if r.expert_load is not None:
+            log.experts(step, r.expert_load, r.router_entropy)
+        if eval_set is not None and (step % cfg.eval.interval == 0 or step == cfg.steps):
+            val = evaluate(model, eval_set, cfg, device)
+            log.scalars(step, val)
+            log.line(f"step {step}/{cfg.steps} | val loss {val['val/loss']:.4f} | " + ", ".join(
+                f"{k.split('/', 2)[2]} {v:.3f}" for k, v in val.items() if k.count("/") == 2))
+            metrics.update(val)
+            timer = time.perf_counter()  # evaluation time is not training throughput
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.steps:
+            state = {"scheduler": scheduler.state_dict(), "skipped_steps": skipped}
+            path = ckpt.save(step, model, optimizer, state, loader.state_dict())
+            log.line(f"step {step}/{cfg.steps} | checkpoint {path}")
+            timer = time.perf_counter()
+
+    if cfg.checkpoint.export_final:
+        final = out / "final" / "model.pt"
+        export_model(model, final, rank, {"model_config": cfg.model, "step": step})
+        log.line(f"exported consolidated weights to {final}")
+    log.close()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Per-rank entry: CONFIG [a.b=value ...]; rank and world size come from torchrun's env."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        sys.exit("usage: python -m ioe_train.train CONFIG [a.b=value ...] (run under torchrun)")
+    cfg = load_config(argv[0], argv[1:])
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_gpu:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world_size)
+    try:
+        train(cfg, rank, world_size, local_rank)
+    except (NonFiniteLossError, ConfigError, DataStateError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3 if isinstance(e, NonFiniteLossError) else 2)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

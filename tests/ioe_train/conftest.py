@@ -1,0 +1,25 @@
+"""Tokenized sample shards that the trainer tests read (made once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pile_prep.sample import write_sample_corpus
+from pile_prep.tokenize import TokenizeOptions, tokenize
+
+
+def make_shards(root: Path, docs_per_file: int = 300) -> tuple[Path, Path]:
+    """(train, val) shard directories of the synthetic sample corpus; train has several shards."""
+    paths = write_sample_corpus(root / "raw", num_files=2, docs_per_file=docs_per_file, seed=0)
+    train, val = root / "train", root / "val"
+    tokenize(TokenizeOptions(inputs=[str(p) for p in paths[:2]], output=train, workers=1,
+                             shard_bytes=1 << 16, progress=False))  # fmt: skip
+    tokenize(TokenizeOptions(inputs=[str(paths[2])], output=val, workers=1, progress=False))
+    return train, val
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    return make_shards(tmp_path_factory.mktemp("shards"))

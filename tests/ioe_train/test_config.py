@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ioe_train.config import ConfigError, TrainConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tiny_cpu_dense.yaml", "qwen2_5_0_5b_moe_pile_pretrain_fsdp.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["optim.lr=0.5", "data.train_dirs=[a,b]", "model.moe.top_k=1"])
+    assert cfg.optim.lr == 0.5 and cfg.data.train_dirs == ["a", "b"] and cfg.model.moe.top_k == 1
+
+
+def test_base_file_is_merged_first(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {CONFIGS / 'tiny_cpu.yaml'}\nsteps: 7\n")
+    cfg = load_config(child)
+    assert cfg.steps == 7 and cfg.model.name == "tiny_moe"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=1"], r"^optim\.lrr: Key 'lrr' not in 'OptimConfig'"),
+        (["optim.lr=fast"], r"^optim\.lr: Value 'fast'"),
+        (["parallel.activation_checkpointing=some"], r"^parallel\.activation_checkpointing: 'some' is not one of"),
+        (["data.train_dirs=[]"], r"^data\.train_dirs: empty"),
+        (["data.val_dirs=[]"], r"^eval\.interval: 50 but data\.val_dirs is empty"),
+        (["data.seq_len=1024"], r"^data\.seq_len: 1024 exceeds model\.max_seq_len=512"),
+        (["optim.min_lr_ratio=2"], r"^optim\.min_lr_ratio: 2\.0 is not in \[0, 1\]"),
+        (["steps=0"], r"^steps: 0 is below 1"),
+        (["data.source=streaming"], r"^data\.streaming\.data_files: empty"),
+        (["model.moe.top_k=9"], r"^model.moe: top_k must be in"),
+        (["model.name=gpt5"], r"^model: name must be one of"),
+        (["lr"], r"^lr: an override is key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny_cpu.yaml", overrides)
+
+
+def test_unknown_yaml_key_names_its_path(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  trian_dirs: [x]\n")
+    with pytest.raises(ConfigError, match=r"^data\.trian_dirs: Key 'trian_dirs' not in 'DataConfig'"):
+        load_config(bad)
+
+
+def test_resolved_yaml_loads_back(tmp_path):
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["steps=5"])
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(cfg.to_yaml())
+    assert load_config(dumped) == cfg

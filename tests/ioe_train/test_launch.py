@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ioe_train.cli import main
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+
+
+def data_overrides(shards) -> list[str]:
+    train, val = shards
+    return [f"data.train_dirs=[{train}]", f"data.val_dirs=[{val}]"]
+
+
+def test_dry_run_prints_the_torchrun_command_and_resolved_config(shards, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("dry run spawned a process"))
+    args = ["launch", str(CONFIG), *data_overrides(shards), "steps=7", "--nproc-per-node", "2", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    command, resolved = result.output.split("\n", 1)
+    assert shlex.split(command) == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                                    "--standalone", "-m", "ioe_train.train", str(CONFIG),
+                                    *data_overrides(shards), "steps=7"]  # fmt: skip
+    assert "steps: 7\n" in resolved and "name: tiny_moe" in resolved
+
+
+def test_multi_node_uses_c10d_rendezvous(shards):
+    args = ["launch", str(CONFIG), *data_overrides(shards), "--nproc-per-node", "8", "--nnodes", "2",
+            "--rdzv-endpoint", "node0:29500", "--rdzv-id", "job42", "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    command = shlex.split(result.output.split("\n", 1)[0])
+    assert command[3:8] == ["--nproc-per-node=8", "--nnodes=2", "--rdzv-backend=c10d",
+                            "--rdzv-endpoint=node0:29500", "--rdzv-id=job42"]  # fmt: skip
+    no_endpoint = ["launch", str(CONFIG), *data_overrides(shards), "--nnodes", "2", "--dry-run"]
+    result = CliRunner().invoke(main, no_endpoint)
+    assert result.exit_code != 0 and "needs --rdzv-endpoint" in result.output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["optim.lr=fast"], "optim.lr: Value 'fast'"),
+     (["data.train_dirs=[/nonexistent]"], "data.train_dirs: /nonexistent: no such directory"),
+     (["on_nonfinite=ignore"], "on_nonfinite: 'ignore' is not one of")],
+)  # fmt: skip
+def test_bad_config_fails_before_any_process_starts(shards, monkeypatch, overrides, message):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched a bad config"))
+    result = CliRunner().invoke(main, ["launch", str(CONFIG), *data_overrides(shards), *overrides])
+    assert result.exit_code == 1
+    assert message in result.output

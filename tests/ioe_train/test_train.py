@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import Shard
+
+import ioe_train.train as train_mod
+from ioe_train.config import load_config
+from ioe_train.loss import token_ce_sum
+from ioe_train.model import build_model, init_weights
+from ioe_train.moe import Experts
+from ioe_train.parallelize import parallelize
+from tests.distributed import run_distributed
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+B, S, A = 2, 16, 2
+
+
+def small(train_dir: str, out: str, *extra: str) -> list[str]:
+    return [f"data.train_dirs=[{train_dir}]", "data.val_dirs=[]", "eval.interval=0", f"data.seq_len={S}",
+            f"micro_batch_size={B}", f"output_dir={out}", "logging.interval=1", *extra]  # fmt: skip
+
+
+def _loss_and_grads_match_reference(rank, world, train_dir, out, checkpointing):
+    w = 0.5
+    cfg = load_config(CONFIG, small(train_dir, out, f"grad_accum_steps={A}", f"load_balancing_loss_weight={w}",
+                                    "optim.max_grad_norm=0",
+                                    f"parallel.activation_checkpointing={checkpointing}"))  # fmt: skip
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    init_weights(ref)
+    model = parallelize(copy.deepcopy(ref), cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 151_000, (B, S + 1), generator=gen) for _ in range(world * A)]  # rank-major
+    mine = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in batches[rank * A : (rank + 1) * A]]
+    r = train_mod.train_step(model, iter(mine), cfg, torch.device("cpu"), want_experts=True)
+
+    # Reference: one process, every rank's micro-batches; ce over all label tokens.
+    ce_sum, aux, router = 0.0, [], []
+    for t in batches:
+        logits, router_loss, aux_loss = ref(t[:, :-1])
+        ce_sum = ce_sum + token_ce_sum(logits, t[:, 1:])
+        aux.append(aux_loss)
+        router.append(router_loss)
+    ce = ce_sum / (world * A * B * S)
+    total = ce + w * torch.stack(aux).mean() + torch.stack(router).mean()
+    total.backward()
+    assert r.ce == pytest.approx(ce.item(), rel=1e-6)
+    assert r.total == pytest.approx(total.item(), rel=1e-6)
+    assert r.aux == pytest.approx(torch.stack(aux).mean().item(), rel=1e-6)
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        ref_grad = ref_grads[name.replace("_checkpoint_wrapped_module.", "")].grad
+        torch.testing.assert_close(p.grad.full_tensor(), ref_grad, rtol=1e-5, atol=1e-7, msg=name)
+    # expert load: every routed slot of every micro-batch of every rank, per layer
+    k = cfg.model.moe.top_k
+    assert r.expert_load.sum(axis=1).tolist() == [world * A * B * S * k] * r.expert_load.shape[0]
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+def test_loss_composition_and_gradients_match_single_process(shards, tmp_path, checkpointing):
+    run_distributed(_loss_and_grads_match_reference, str(shards[0]), str(tmp_path), checkpointing)
+
+
+def _fsdp_units_and_expert_placement(rank, world, num_experts, on_expert_dim):
+    cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0",
+                               f"model.moe.num_experts={num_experts}", "model.moe.top_k=1",
+                               "model.moe.aux_loss_scope=global"])  # fmt: skip
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.layers)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    for e in experts:
+        for p in e.parameters():
+            (placement,) = p.placements
+            largest = max(range(1, p.ndim), key=lambda d: (p.shape[d], -d))
+            assert placement == Shard(0 if on_expert_dim else largest), (p.shape, placement)
+            assert p.to_local().numel() == p.numel() // world  # both ranks hold real rows
+    assert all(m.reduce_counts is not None for m in model.modules() if hasattr(m, "reduce_counts"))
+
+
+@pytest.mark.parametrize(("num_experts", "on_expert_dim"), [(1, False), (8, True)])
+def test_experts_shard_on_a_non_expert_dim_when_fewer_than_ranks(num_experts, on_expert_dim):
+    # 1 expert on 2 ranks: [1, D, 2H] sharded on its largest dim; 8 experts: the default Shard(0).
+    run_distributed(_fsdp_units_and_expert_placement, num_experts, on_expert_dim)
+
+
+def _poisoned_run(rank, world, overrides, mode):
+    real, calls = train_mod.token_ce_sum, [0]
+
+    def poisoned(logits, labels):
+        calls[0] += 1
+        value = real(logits, labels)
+        return value * math.nan if rank == 0 and calls[0] == 3 else value  # step 3, one rank only
+
+    train_mod.token_ce_sum = poisoned
+    cfg = load_config(CONFIG, overrides + [f"on_nonfinite={mode}"])
+    if mode == "stop":
+        with pytest.raises(train_mod.NonFiniteLossError, match=r"^step 3: loss nan .* stopped without updating"):
+            train_mod.train(cfg, rank, world, rank)
+    else:
+        train_mod.train(cfg, rank, world, rank)
+        model_file = Path(cfg.output_dir) / "final" / "model.pt"
+        if rank == 0:
+            sd = torch.load(model_file, weights_only=False)["model"]
+            assert all(torch.isfinite(t).all() for t in sd.values())
+
+
+def test_nonfinite_loss_stops_naming_the_step(shards, tmp_path):
+    out = tmp_path / "stop"
+    run_distributed(_poisoned_run, small(str(shards[0]), str(out), "steps=5", "checkpoint.interval=2"), "stop")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]  # nothing after
+    assert not (out / "final").exists()
+
+
+def test_nonfinite_loss_skips_the_step_when_configured(shards, tmp_path):
+    out = tmp_path / "skip"
+    run_distributed(_poisoned_run, small(str(shards[0]), str(out), "steps=5", "checkpoint.interval=0"), "skip")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss/total" in r]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1, 1]
+    assert math.isnan(steps[2]["loss/total"]) and math.isfinite(steps[4]["loss/total"])
