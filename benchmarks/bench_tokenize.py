@@ -6,7 +6,8 @@ MB), then measures in one run:
   (a) the raw tokenizer alone (tiktoken `encode_ordinary`), one core, text already in memory;
   (b) `pile-prep tokenize --workers 1`, end to end (decompress, parse, NFC, tokenize, write);
   (c) `pile-prep tokenize --workers <all cores>`.
-Targets: b/a >= 0.85 and c/(cores*a) >= 0.85. Also prints the peak RSS of a worker.
+Targets: b/a >= 0.85 and c/(cores*a) >= 0.85. Also prints the peak RSS of a worker, and
+  (a') the raw tokenizer in one process per core at once: the parallel limit of the machine.
 
     python benchmarks/bench_tokenize.py [--mb 200] [--work DIR]
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import multiprocessing
 import sysconfig
 import tempfile
 import time
@@ -62,9 +63,28 @@ def write_corpus(docs: list[tuple[str, str]], directory: Path, files: int = 4) -
     return paths
 
 
+def _raw_rate(texts: list[str]) -> tuple[int, float]:
+    enc = load_tokenizer()._enc  # the raw tiktoken Encoding: the limit we compare against
+    t0 = time.perf_counter()
+    n = sum(len(enc.encode_ordinary(t)) for t in texts)
+    return n, time.perf_counter() - t0
+
+
+def raw_parallel_rate(texts: list[str], processes: int) -> float:
+    """Raw tiktoken in `processes` processes at once: what this machine's cores really give."""
+    shares = [texts[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_raw_rate, [["warm up"]] * processes)
+        t0 = time.perf_counter()
+        results = pool.map(_raw_rate, shares)
+        wall = time.perf_counter() - t0
+    return sum(n for n, _ in results) / wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=200, help="MB of text to tokenize")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N (this machine is noisy)")
     parser.add_argument("--shard-mb", type=int, default=8,
                         help="shard size; small enough that every core gets many chunks, as on the Pile")
     parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
@@ -75,31 +95,34 @@ def main() -> None:
     docs = real_documents(int(args.mb * 1e6))
     text_bytes = sum(len(t.encode()) for t, _ in docs)
     inputs = write_corpus(docs, work)
-    print(f"corpus: {len(docs):,} documents, {text_bytes / 1e6:.0f} MB of text, {len(inputs)} files")
-
-    tok = load_tokenizer()
-    enc = tok._enc  # the raw tiktoken Encoding: the limit we compare against
     texts = [t for t, _ in docs]
     del docs
-    t0 = time.perf_counter()
-    n_tokens = sum(len(enc.encode_ordinary(t)) for t in texts)
-    raw = n_tokens / (time.perf_counter() - t0)
-    del texts
-    print(f"(a) raw tiktoken, 1 core, in memory: {raw / 1e6:.2f} M tokens/s ({n_tokens:,} tokens)")
-
     cores = usable_cores()
-    rates = {}
-    for workers in (1, cores):
-        s = tokenize(TokenizeOptions(inputs=[str(p) for p in inputs], output=work / f"out-{workers}",
-                                     workers=workers, overwrite=True, progress=False,
-                                     shard_bytes=args.shard_mb << 20))  # fmt: skip
-        rates[workers] = s.tokens_this_run / s.seconds
-        print(f"pile-prep tokenize --workers {workers}: {rates[workers] / 1e6:.2f} M tokens/s, "
-              f"{s.seconds:.1f} s, peak worker RSS {s.peak_worker_rss_mb:.0f} MiB")
-    b, c = rates[1] / raw, rates[cores] / (cores * raw)
-    print(f"\nratio (b)/(a) = {b:.2f} (target >= 0.85)")
-    print(f"ratio (c)/({cores} x (a)) = {c:.2f} (target >= 0.85)")
-    sys.exit(0)
+    print(f"corpus: {len(texts):,} documents, {text_bytes / 1e6:.0f} MB of text, {len(inputs)} files; "
+          f"{cores} cores; best of {args.repeats}")
+
+    best: dict[str, float] = {}
+    peak_rss = 0.0
+    for _ in range(args.repeats):  # interleaved, so that a slow phase of the machine hits all
+        n, seconds = _raw_rate(texts)
+        best["a"] = max(best.get("a", 0.0), n / seconds)
+        best["a_par"] = max(best.get("a_par", 0.0), raw_parallel_rate(texts, cores))
+        for key, workers in (("b", 1), ("c", cores)):
+            s = tokenize(TokenizeOptions(inputs=[str(p) for p in inputs], output=work / f"out-{key}",
+                                         workers=workers, overwrite=True, progress=False,
+                                         shard_bytes=args.shard_mb << 20))  # fmt: skip
+            best[key] = max(best.get(key, 0.0), s.tokens_this_run / s.seconds)
+            peak_rss = max(peak_rss, s.peak_worker_rss_mb)
+    a, a_par, b, c = best["a"], best["a_par"], best["b"], best["c"]
+    print(f"(a)  raw tiktoken, 1 core, in memory:        {a / 1e6:6.2f} M tokens/s ({n:,} tokens)")
+    print(f"(a') raw tiktoken, {cores} processes at once:       {a_par / 1e6:6.2f} M tokens/s")
+    print(f"(b)  pile-prep tokenize --workers 1:          {b / 1e6:6.2f} M tokens/s")
+    print(f"(c)  pile-prep tokenize --workers {cores}:          {c / 1e6:6.2f} M tokens/s")
+    print(f"peak RSS of a worker: {peak_rss:.0f} MiB")
+    print(f"\n(b) / (a)            = {b / a:.2f}   (target >= 0.85)")
+    print(f"(c) / ({cores} x (a))      = {c / (cores * a):.2f}   (target >= 0.85)")
+    print(f"(c) / (a')           = {c / a_par:.2f}   (what the cores give when all are busy)")
+    print(f"(a') / ({cores} x (a))     = {a_par / (cores * a):.2f}   (the machine's own parallel scaling)")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,20 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
             "bad_lines": bad[:MAX_BAD_LINES_LISTED],
         }
     )
-    return {"record": record, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"record": record, "rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM is this process's own peak; ru_maxrss survives exec, so a spawned worker would
+    # report its parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- main side ---------------------------------------------------------------------------------
