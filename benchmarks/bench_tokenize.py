@@ -3,7 +3,8 @@
 Builds a Pile-format corpus from real text found on this machine (Python sources and the
 Markdown/reST/text documentation of the installed Python: code and English prose, a few hundred
 MB), then measures in one run:
-  (a) the raw tokenizer alone (tiktoken `encode_ordinary`), one core, text already in memory;
+  (a) the raw tokenizer alone (tiktoken `encode_to_numpy`, the call pile-prep makes), one core,
+      text already in memory;
   (b) `pile-prep tokenize --workers 1`, end to end (decompress, parse, NFC, tokenize, write);
   (c) `pile-prep tokenize --workers <all cores>`.
 Targets: b/a >= 0.85 and c/(cores*a) >= 0.85. Also prints the peak RSS of a worker, and
@@ -66,7 +67,8 @@ def write_corpus(docs: list[tuple[str, str]], directory: Path, files: int = 4) -
 def _raw_rate(texts: list[str]) -> tuple[int, float]:
     enc = load_tokenizer()._enc  # the raw tiktoken Encoding: the limit we compare against
     t0 = time.perf_counter()
-    n = sum(len(enc.encode_ordinary(t)) for t in texts)
+    # The same call pile-prep makes (as fast as encode_ordinary or faster: no list of ints).
+    n = sum(len(enc.encode_to_numpy(t, disallowed_special=())) for t in texts)
     return n, time.perf_counter() - t0
 
 

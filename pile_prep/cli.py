@@ -30,7 +30,7 @@ def main() -> None:
               default=DEFAULT_SHARD_BYTES / 2**20, show_default=True,
               help="MiB of input text per shard.")
 @click.option("--skip-bad-lines", is_flag=True, help="Count and report bad lines instead of stopping.")
-@click.option("--overwrite", is_flag=True, help="Replace an output made from other inputs.")
+@click.option("--overwrite", is_flag=True, help="Delete the pile-prep files in OUTPUT and start again.")
 @click.option("--num-tasks", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the inputs across this many machines (one output dir each).")
 @click.option("--task-index", type=click.IntRange(min=0), default=0, show_default=True,

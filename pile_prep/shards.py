@@ -107,15 +107,17 @@ class ShardWriter:
         self._tokens = 0
         self._doc_start = 0
 
-    def write_tokens(self, ids: Sequence[int]) -> None:
-        # array("I") converts a list of ints 2.5x faster than np.asarray; "I" is 4 bytes here.
-        tokens = array("I", ids)
-        if sys.byteorder == "big":
-            tokens.byteswap()
-        data = tokens.tobytes()
-        self._file.write(data)
-        self._hash.update(data)
-        self._tokens += len(data) // 4
+    def write_tokens(self, ids: np.ndarray | Sequence[int]) -> None:
+        if isinstance(ids, np.ndarray):
+            tokens = np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)
+        else:
+            # array("I") converts a list of ints 2.5x faster than np.asarray; "I" is 4 bytes here.
+            tokens = array("I", ids)
+            if sys.byteorder == "big":
+                tokens.byteswap()
+        self._file.write(tokens)
+        self._hash.update(tokens)
+        self._tokens += len(tokens)
 
     def end_document(self, eos_id: int, source: str) -> None:
         self.write_tokens((eos_id,))

@@ -176,25 +176,23 @@ def _is_ours(path: Path) -> bool:
 
 
 def _prepare_output(output: Path, job: dict, overwrite: bool) -> None:
+    """Resume `output` if it holds this job, else start it (refusing others' work unless told)."""
     output.mkdir(parents=True, exist_ok=True)
     job_path = output / JOB
-    if job_path.exists():
-        old = read_json(job_path)
-        diffs = _differences(old, job)
-        if diffs and not overwrite:
-            raise TokenizeError(
-                f"{output} holds a tokenization of different inputs ({'; '.join(diffs)}). "
-                "Use another --output, or --overwrite to delete it and start again."
-            )
+    if job_path.exists() and not overwrite:
+        diffs = _differences(read_json(job_path), job)
         if not diffs:
             return
-    elif any(output.iterdir()) and not overwrite:
-        foreign = [p.name for p in output.iterdir() if not _is_ours(p)]
-        if foreign:
-            raise TokenizeError(
-                f"{output} is not empty and is not a pile-prep output (holds {foreign[0]!r}); "
-                "choose an empty or new --output"
-            )
+        raise TokenizeError(
+            f"{output} holds a tokenization of different inputs ({'; '.join(diffs)}). "
+            "Use another --output, or --overwrite to delete it and start again."
+        )
+    foreign = [p.name for p in output.iterdir() if not _is_ours(p)]
+    if foreign and not job_path.exists():  # never write into a directory of something else
+        raise TokenizeError(
+            f"{output} is not empty and is not a pile-prep output (holds {foreign[0]!r}); "
+            "choose an empty or new --output"
+        )
     for p in output.iterdir():
         if _is_ours(p):
             p.unlink()
@@ -249,7 +247,8 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
     output = Path(opts.output)
     _prepare_output(output, job, opts.overwrite)
     if (output / MANIFEST).exists():  # same job, already complete
-        return TokenizeSummary(read_json(output / MANIFEST), 0, time.perf_counter() - start, 0, 0)
+        manifest = read_json(output / MANIFEST)
+        return TokenizeSummary(manifest, manifest["totals"]["shards"], time.perf_counter() - start, 0, 0)
     workers = opts.workers or usable_cores()
 
     records: dict[str, dict] = {}

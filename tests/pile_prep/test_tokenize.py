@@ -251,3 +251,11 @@ def test_kill_9_and_resume_gives_identical_bytes(sample_corpus, tmp_path):
     assert_same_dirs(tmp_path / "ref", out)
     # Finished shards were not redone.
     assert all((out / n).stat().st_mtime_ns == t for n, t in done_before.items())
+
+
+def test_overwrite_starts_again(sample_corpus, tmp_path):
+    out = tmp_path / "out"
+    run(sample_corpus[:1], out)
+    assert run(sample_corpus[:1], out).tokens_this_run == 0  # complete: nothing to redo
+    again = run(sample_corpus[:1], out, overwrite=True)
+    assert again.tokens_this_run == again.manifest["totals"]["tokens"] > 0
