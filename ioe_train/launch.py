@@ -7,6 +7,7 @@ see scripts/slurm_multinode.sbatch).
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -56,13 +57,28 @@ def torchrun_command(opts: LaunchOptions) -> list[str]:
     return cmd + ["-m", "ioe_train.train", str(opts.config), *opts.overrides]
 
 
+# CPU runs allocate the [B*S, 151936] logits and their gradient anew every step. glibc serves
+# blocks that large with mmap and unmaps them on free, so every step page-faults ~100s of MB back
+# in: keeping them in the heap made the tiny CPU config 2.5x faster (0.2k -> 0.5k tokens/s).
+_CPU_MALLOC = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"
+
+
+def torchrun_env(cfg: TrainConfig) -> dict[str, str]:
+    """Environment the ranks need beyond ours (only what the user has not set already)."""
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
+        return {"GLIBC_TUNABLES": _CPU_MALLOC}
+    return {}
+
+
 def launch(opts: LaunchOptions) -> int:
     """Validate, then run torchrun (or print its command and the resolved config); its exit code."""
     cfg = load_config(opts.config, opts.overrides)
     check_data(cfg)
     cmd = torchrun_command(opts)
+    env = torchrun_env(cfg)
     if opts.dry_run:
-        print(shlex.join(cmd))
+        print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))
         print(cfg.to_yaml(), end="")
         return 0
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env={**os.environ, **env})

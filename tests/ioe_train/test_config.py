@@ -34,7 +34,7 @@ def test_base_file_is_merged_first(tmp_path):
         (["optim.lr=fast"], r"^optim\.lr: Value 'fast'"),
         (["parallel.activation_checkpointing=some"], r"^parallel\.activation_checkpointing: 'some' is not one of"),
         (["data.train_dirs=[]"], r"^data\.train_dirs: empty"),
-        (["data.val_dirs=[]"], r"^eval\.interval: 50 but data\.val_dirs is empty"),
+        (["data.val_dirs=[]"], r"^eval\.interval: 100 but data\.val_dirs is empty"),
         (["data.seq_len=1024"], r"^data\.seq_len: 1024 exceeds model\.max_seq_len=512"),
         (["optim.min_lr_ratio=2"], r"^optim\.min_lr_ratio: 2\.0 is not in \[0, 1\]"),
         (["steps=0"], r"^steps: 0 is below 1"),
