@@ -30,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from pile_prep.shards import fsync_dir
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -44,14 +46,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Checkpointer:
@@ -91,9 +85,9 @@ class Checkpointer:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             for old in self.steps()[: -self.keep_last]:
                 shutil.rmtree(self.path(old))
         dist.barrier()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pile_prep.sample import write_sample_corpus
 from pile_prep.tokenize import TokenizeOptions, tokenize
@@ -23,3 +24,12 @@ def make_shards(root: Path, docs_per_file: int = 300) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> tuple[Path, Path]:
     return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add sync cost (and thrash when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

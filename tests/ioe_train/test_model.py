@@ -34,13 +34,8 @@ ROUTER_CFGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync cost (and thrash when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add sync cost (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded_tiny(moe: MoEConfig | None, seed: int = 0, **overrides):

@@ -21,13 +21,8 @@ from ioe_train.moe import (
 D, H = 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync cost (and thrash when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add sync cost (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_moe(seed: int = 0, **cfg) -> MoE:

@@ -25,7 +25,7 @@ from pile_prep.shards import read_index
 from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
 from pile_prep.tokenizer import load_tokenizer, nfc
 
-from .conftest import SPECIAL_DOCS, pile_record, write_jsonl_zst
+from .conftest import pile_record, write_jsonl_zst
 
 
 @pytest.fixture(scope="module")
