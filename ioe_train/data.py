@@ -29,7 +29,7 @@ from ioe_train.order import SampleOrder, derive_key, hash_uniform
 from pile_prep.reader import ShardDataset
 
 Batch = dict[str, torch.Tensor]  # input_ids [B, S] int64, labels [B, S] int64 (+ source_ids in eval)
-_MIXTURE_CHUNK = 4096  # samples per read when finding each sample's source
+_MIXTURE_CHUNK = 1 << 20  # samples per lookup when finding each sample's source
 
 
 class DataStateError(ValueError):
@@ -52,12 +52,12 @@ def read_windows(ds: ShardDataset, samples: np.ndarray, seq_len: int) -> torch.T
 
 
 def sample_sources(ds: ShardDataset, seq_len: int) -> np.ndarray:
-    """Index into ds.source_names of each sample's first token: [N]."""
+    """Index into ds.source_names of each sample's first token: [N] (from the index files only)."""
     n = num_windows(ds.num_tokens, seq_len)
     out = np.empty(n, np.int32)
     for a in range(0, n, _MIXTURE_CHUNK):
         b = min(n, a + _MIXTURE_CHUNK)
-        out[a:b] = ds.token_source_ids(a * seq_len, (b - 1) * seq_len + 1)[::seq_len]
+        out[a:b] = ds.sources_at(np.arange(a, b, dtype=np.int64) * seq_len)
     return out
 
 

@@ -392,6 +392,23 @@ class ShardDataset:
             return pieces[0]
         return np.concatenate(pieces) if pieces else np.empty(0, TOKEN_DTYPE)
 
+    def sources_at(self, positions: np.ndarray) -> np.ndarray:
+        """Index into `source_names` of the token at each global position: [len(positions)].
+
+        Reads index files only (one searchsorted per shard touched), never token data.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.num_tokens):
+            raise IndexError(f"token positions outside [0, {self.num_tokens})")
+        out = np.empty(len(positions), self._source_dtype)
+        shard_of = np.searchsorted(self._token_starts, positions, "right") - 1  # [P]
+        for s in np.unique(shard_of).tolist():
+            sel = shard_of == s
+            offsets, sources = self._index(s)
+            local = positions[sel] - int(self._token_starts[s])
+            out[sel] = sources[np.searchsorted(offsets, local, "right") - 1]
+        return out
+
     def token_source_ids(self, start: int, stop: int) -> np.ndarray:
         """Index into `source_names` of each token in [start, stop): [stop - start] int16/int32."""
         out = []

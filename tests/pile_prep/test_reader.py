@@ -244,3 +244,19 @@ def test_a_shard_without_documents(tmp_path):
     assert tok.decode(ds.document(5)[:-1].tolist()) == "last 0"
     np.testing.assert_array_equal(ds.tokens(0, ds.num_tokens), _stream(out))
     assert verify(out, workers=1).ok
+
+
+def test_sources_at_matches_token_source_ids(tmp_path):
+    from pile_prep.sample import write_sample_corpus
+    from pile_prep.tokenize import TokenizeOptions, tokenize
+
+    paths = write_sample_corpus(tmp_path / "raw", num_files=2, docs_per_file=200)
+    tokenize(TokenizeOptions(inputs=[str(p) for p in paths], output=tmp_path / "out", workers=1,
+                             shard_bytes=10_000, progress=False))  # fmt: skip
+    ds = ShardDataset(tmp_path / "out")
+    every = ds.token_source_ids(0, ds.num_tokens)
+    positions = np.random.default_rng(0).integers(0, ds.num_tokens, 5000)
+    assert np.array_equal(ds.sources_at(positions), every[positions])
+    assert np.array_equal(ds.sources_at(np.arange(ds.num_tokens)), every)
+    with pytest.raises(IndexError):
+        ds.sources_at(np.array([ds.num_tokens]))
