@@ -14,9 +14,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
-from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
-from torchtune.modules import FeedForward, MultiHeadAttention, RMSNorm, TiedLinear
 
+from ioe_train.blocks import (
+    FeedForward,
+    MultiHeadAttention,
+    Qwen2RotaryPositionalEmbeddings,
+    RMSNorm,
+    TiedLinear,
+)
 from ioe_train.moe import ROUTERS, MoE, MoEConfig, swiglu_mlp
 
 

@@ -6,8 +6,8 @@ B batch, S sequence length, D model dim, E experts.
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchtune.modules import FeedForward
 
+from ioe_train.blocks import FeedForward
 from ioe_train.moe.config import MoEConfig
 from ioe_train.moe.experts import Experts
 from ioe_train.moe.losses import ReduceFn
