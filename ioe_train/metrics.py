@@ -55,7 +55,7 @@ def memory_gib(device: torch.device) -> float:
     return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
 
 
-def heatmap(load: np.ndarray, cell: int = 12) -> np.ndarray:
+def heatmap(load: np.ndarray, cell: int = 24) -> np.ndarray:
     """RGB image [3, L*cell, E*cell] of each layer's share of tokens per expert (rows sum to 1).
 
     Colour runs dark blue (no tokens) -> green (1/E, balanced) -> yellow (>= 2/E, overloaded):
