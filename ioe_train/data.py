@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,7 +92,8 @@ def mixture_index(ds: ShardDataset, cfg: DataConfig, cache_dir: Path) -> np.ndar
         n = len(copies)
         index = np.repeat(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64), copies)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+        # Host and pid: ranks of several nodes may write the same shared directory at once.
+        tmp = path.with_name(f"{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npy")
         np.save(tmp, index)
         os.replace(tmp, path)  # atomic: ranks building the same file concurrently all agree
     return np.load(path, mmap_mode="r")

@@ -7,8 +7,9 @@ r, r + W, r + 2W, ... so ranks never overlap and never leave a gap.
 
 The permutation is a keyed Feistel network over [0, 2^(2h)) with cycle walking down to [0, N): O(1)
 memory per sample (the Pile at seq_len 2048 is ~150M samples; a materialised int64 permutation
-would be 1.2 GB per rank). Its key is a hash of (seed, data fingerprint, seq_len, epoch): nothing
-else (worker count, world size) changes which sample sits at position p.
+would be 1.2 GB per rank). Its key is a hash of (seed, data fingerprint, seq_len, epoch): the
+worker count never changes which sample sits at position p, and neither does the world size
+within the first epoch. Later epochs start after N_w positions, which depends on W (by < W).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class SampleOrder:
     def rank_positions(self, start: int, count: int, rank: int) -> np.ndarray:
         """Global positions of rank `rank`'s next `count` samples once `start` were consumed.
 
-        `start` counts samples of all ranks, so a run may resume on another world size.
+        `start` counts samples of all ranks, so a run may resume on another world size (exactly
+        within the first epoch; later epochs shift by the tail dropped, fewer than W samples).
         """
         return start + np.arange(count, dtype=np.int64) * self.world_size + rank

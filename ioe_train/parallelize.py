@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ioe_train.config import ParallelConfig
@@ -106,3 +106,19 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device:
         model.layers[i] = block
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **fsdp)
     return model
+
+
+@torch.no_grad()
+def copy_full_weights(model: nn.Module, full: nn.Module) -> None:
+    """Set each sharded parameter of `model` to its shard of the same parameter of `full`.
+
+    `full` is an unsharded twin on this rank (same structure, same order of parameters); every
+    rank holds the same one, so each keeps its own shard with no communication.
+    """
+    params, full_params = list(model.parameters()), list(full.parameters())
+    if len(params) != len(full_params):
+        raise ValueError(f"{len(params)} sharded parameters but {len(full_params)} in the twin")
+    for p, q in zip(params, full_params):
+        if p.shape != q.shape:
+            raise ValueError(f"sharded parameter of shape {tuple(p.shape)} vs twin {tuple(q.shape)}")
+        p.copy_(distribute_tensor(q.to(p.device), p.device_mesh, p.placements, src_data_rank=None))

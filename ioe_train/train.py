@@ -36,7 +36,7 @@ from ioe_train.metrics import (
 )
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from ioe_train.parallelize import parallelize
+from ioe_train.parallelize import copy_full_weights, parallelize
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +62,21 @@ def select_device(choice: str, local_rank: int) -> torch.device:
         raise ConfigError("device: 'cuda' but torch sees no CUDA/ROCm device")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Allocate the sharded (meta) model on `device` and initialise it from `cfg.seed`."""
+    model.to_empty(device=device)
+    init_weights(model)  # also rebuilds the RoPE cache
+    if device.type != "cuda":
+        # DTensor's offset-based RNG exists on CUDA/ROCm only: elsewhere every rank draws the same
+        # numbers into its own shard, and twin experts (0 and 4 of 8 on 2 ranks) never separate.
+        # Initialise one full copy from the seed instead and keep this rank's shard of it: the
+        # weights one process would make.
+        full = build_model(cfg.model)
+        torch.manual_seed(cfg.seed)
+        init_weights(full)
+        copy_full_weights(model, full)
 
 
 def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
@@ -149,14 +164,19 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
                           f"{data_vocab}; use 151936 (Qwen2.5)")  # fmt: skip
     total_params, active_params = count_params(model)
     parallelize(model, cfg.parallel, mesh, device)
-    model.to_empty(device=device)
-    init_weights(model)
+    materialize(model, cfg, device)
+    # Per-rank RNG from here on (router jitter, dropout): ranks must not draw the same noise.
+    torch.manual_seed(cfg.seed + rank)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
 
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world_size)
     step, skipped = 0, 0
-    done = ckpt.steps() if cfg.checkpoint.resume else []
+    done = ckpt.steps()
+    if done and not cfg.checkpoint.resume:
+        raise ConfigError(f"checkpoint.resume: false, but {ckpt.path(done[-1])} exists: a fresh run "
+                          "there would delete its own new checkpoints among the old ones. Use a new "
+                          "output_dir, or checkpoint.resume=true")  # fmt: skip
     if done:
         state, data_state = ckpt.load(done[-1], model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -219,12 +239,12 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
             log.line(f"step {step}/{cfg.steps} | val loss {val['val/loss']:.4f} | " + ", ".join(
                 f"{k.split('/', 2)[2]} {v:.3f}" for k, v in val.items() if k.count("/") == 2))
             metrics.update(val)
-            timer = time.perf_counter()  # evaluation time is not training throughput
+            timer, timed_tokens = time.perf_counter(), 0  # evaluation time is not training throughput
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.steps:
             state = {"scheduler": scheduler.state_dict(), "skipped_steps": skipped}
             path = ckpt.save(step, model, optimizer, state, loader.state_dict())
             log.line(f"step {step}/{cfg.steps} | checkpoint {path}")
-            timer = time.perf_counter()
+            timer, timed_tokens = time.perf_counter(), 0
 
     if cfg.checkpoint.export_final:
         final = out / "final" / "model.pt"

@@ -21,7 +21,7 @@ class MoEConfig:
     expert_hidden_dim: int = 0
     shared_expert_hidden_dim: int = 0  # hidden size of an always-on shared SwiGLU expert; 0 = none
     router: str = "topk"  # a key of ioe_train.moe.router.ROUTERS: "topk" | "ioe"
-    renormalize: bool = True  # topk: rescale the K gate weights to sum to 1 (Mixtral, Qwen-MoE)
+    renormalize: bool = True  # topk, K > 1: rescale the K gate weights to sum to 1 (Mixtral, Qwen-MoE)
     z_loss_coef: float = 1e-3  # weight of the ST-MoE router z-loss inside `router_loss`
     jitter: float = 0.0  # training-time router input noise x * U(1 - j, 1 + j) (Switch); 0 = off
     ioe_segment_len: int = 64  # ioe: tokens per segment sharing one merged expert

@@ -92,7 +92,7 @@ class TopKRouter(Router):
         logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
         probs = logits.softmax(dim=-1)  # [T, E]
         weights, indices = probs.topk(self.top_k, dim=-1)  # [T, K], [T, K]
-        if self.renormalize:
+        if self.renormalize and self.top_k > 1:  # K = 1: w would be 1, and the gate get no gradient
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, indices
 

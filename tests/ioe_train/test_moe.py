@@ -230,3 +230,11 @@ def test_auto_path_compiles_in_fp32():
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MoEConfig(**{field: value})
+
+
+def test_top1_gate_learns_from_the_output():
+    # Renormalising one weight would make it exactly 1: the gate would learn from aux/z-loss only.
+    moe = make_moe(num_experts=4, top_k=1, z_loss_coef=0.0)
+    out, _, _ = moe(torch.randn(2, 8, D))
+    out.square().sum().backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 1e-3

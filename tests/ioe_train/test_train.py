@@ -12,7 +12,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import Shard
 
 import ioe_train.train as train_mod
-from ioe_train.config import load_config
+from ioe_train.config import ConfigError, load_config
 from ioe_train.loss import token_ce_sum
 from ioe_train.model import build_model, init_weights
 from ioe_train.moe import Experts
@@ -128,3 +128,36 @@ def test_nonfinite_loss_skips_the_step_when_configured(shards, tmp_path):
     steps = [r for r in records if "loss/total" in r]
     assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1, 1]
     assert math.isnan(steps[2]["loss/total"]) and math.isfinite(steps[4]["loss/total"])
+
+
+def _sharded_init_equals_one_process(rank, world):
+    cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0"])
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    train_mod.materialize(model, cfg, torch.device("cpu"))
+    ref = build_model(cfg.model)
+    torch.manual_seed(cfg.seed)
+    init_weights(ref)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), ref_params[name], rtol=0, atol=0, msg=name)
+    # Shards are not copies of each other: experts 0 and E/2 (one on each rank) differ.
+    experts = [m for m in model.modules() if isinstance(m, Experts)][0]
+    w = next(experts.parameters()).full_tensor()
+    assert not torch.equal(w[0], w[w.shape[0] // 2])
+
+
+def test_sharded_cpu_init_equals_one_process_init():
+    run_distributed(_sharded_init_equals_one_process)
+
+
+def _refuses_fresh_run_over_checkpoints(rank, world, train_dir, out):
+    (Path(out) / "checkpoints" / "step_000005").mkdir(parents=True, exist_ok=True)
+    cfg = load_config(CONFIG, small(train_dir, out, "checkpoint.resume=false", "steps=1"))
+    with pytest.raises(ConfigError, match=r"checkpoint.resume: false, but .*step_000005 exists"):
+        train_mod.train(cfg, rank, world, rank)
+
+
+def test_fresh_run_over_old_checkpoints_is_refused(shards, tmp_path):
+    run_distributed(_refuses_fresh_run_over_checkpoints, str(shards[0]), str(tmp_path))
