@@ -59,8 +59,9 @@ def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_
         f"{s.bytes_this_run / max(s.seconds, 1e-9) / 2**20:.1f} MiB/s of text); "
         f"peak worker RSS {s.peak_worker_rss_mb:.0f} MiB"
     )
-    if t["skipped_empty"] or t["bad_lines"]:
-        click.echo(f"skipped: {t['skipped_empty']} empty documents, {t['bad_lines']} bad lines")
+    if t["skipped_empty"] or t["blank_lines"] or t["bad_lines"]:
+        click.echo(f"skipped: {t['skipped_empty']} empty documents, {t['blank_lines']} blank lines, "
+                   f"{t['bad_lines']} bad lines")
         for b in s.manifest["bad_lines"][:10]:
             click.echo(f"  {b['file']}, line {b['line']}: {b['reason']}")
 
@@ -95,7 +96,7 @@ def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json) -> None:
 
     try:
         click.echo(inspect_report(dirs, decode, docs, show_tokens, tokenizer, as_json))
-    except (ShardError, IndexError) as e:
+    except (ShardError, TokenizerError, IndexError) as e:
         raise click.ClickException(str(e)) from None
 
 

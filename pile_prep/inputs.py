@@ -104,7 +104,8 @@ def _open_blocks(path: Path, f: BinaryIO) -> Iterator[bytes]:
             yield block
     elif name.endswith(".gz"):
         with gzip.GzipFile(fileobj=f) as g:
-            while block := g.read(_READ_SIZE):
+            # read1, not read: read() drops what it decoded before hitting a truncated end.
+            while block := g.read1(_READ_SIZE):
                 yield block
     else:
         while block := f.read(_READ_SIZE):
@@ -112,7 +113,11 @@ def _open_blocks(path: Path, f: BinaryIO) -> Iterator[bytes]:
 
 
 def _jsonl_chunks(index: int, path: Path, shard_bytes: int) -> Iterator[Chunk]:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(path, None, f"cannot open: {e.strerror}") from e
+    with f:
         buf = bytearray()
         line, chunk_index = 1, 0
         error = None
@@ -150,6 +155,8 @@ def _jsonl_chunks(index: int, path: Path, shard_bytes: int) -> Iterator[Chunk]:
 
 
 def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
@@ -165,18 +172,22 @@ def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -
     texts: list = []
     sources: list = []
     size = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=columns):
-        texts += batch.column(text_field).to_pylist()
-        if "meta" in columns:
-            sources += [_source_of(m) for m in batch.column("meta").to_pylist()]
-        else:
-            sources += [UNKNOWN_SOURCE] * batch.num_rows
-        size += batch.column(text_field).nbytes
-        if size >= shard_bytes:
-            last = line + len(texts) - 1
-            yield Chunk(index, chunk_index, str(path), line, last, file_size * last // num_rows,
-                        rows=(texts, sources))  # fmt: skip
-            line, chunk_index, texts, sources, size = line + len(texts), chunk_index + 1, [], [], 0
+    try:
+        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            column = batch.column(text_field)
+            metas = batch.column("meta").to_pylist() if "meta" in columns else [None] * batch.num_rows
+            texts += column.to_pylist()
+            sources += [_source_of(m) for m in metas]
+            size += pc.sum(pc.binary_length(column)).as_py() or 0  # UTF-8 bytes of text
+            if size >= shard_bytes:
+                last = line + len(texts) - 1
+                yield Chunk(index, chunk_index, str(path), line, last, file_size * last // num_rows,
+                            rows=(texts, sources))  # fmt: skip
+                line, chunk_index, texts, sources, size = line + len(texts), chunk_index + 1, [], [], 0
+    except (OSError, pa.ArrowException) as e:  # a corrupt page: keep the rows read before it
+        yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, file_size,
+                    rows=(texts, sources), error=f"corrupt Parquet data: {e}")  # fmt: skip
+        return
     if texts:
         yield Chunk(index, chunk_index, str(path), line, line + len(texts) - 1, file_size,
                     rows=(texts, sources))  # fmt: skip
@@ -205,12 +216,15 @@ def _source_of(meta: object) -> str:
 @dataclass
 class Record:
     line: int
-    text: str | None  # None: a bad line, see `error`
+    text: str | None  # None: a bad line (see `error`) or a blank one
     source: str
     error: str | None = None
+    blank: bool = False  # a whitespace-only line: no record (HF's json reader skips it too)
 
 
 def parse_line(raw: bytes, line: int, text_field: str) -> Record:
+    if not raw.strip():
+        return Record(line, None, "", blank=True)
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -223,7 +237,14 @@ def parse_line(raw: bytes, line: int, text_field: str) -> Record:
     if not isinstance(text, str):
         what = "no" if text is None else f"non-string ({type(text).__name__})"
         return Record(line, None, "", f"{what} {text_field!r} field")
-    return Record(line, text, _source_of(obj.get("meta")))
+    source = _source_of(obj.get("meta"))
+    if b"\\u" in raw:  # only a \uXXXX escape can smuggle a lone surrogate past UTF-8 decoding
+        try:
+            text.encode("utf-8")
+            source.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return Record(line, None, "", f"lone surrogate {e.object[e.start]!r} (not a character)")
+    return Record(line, text, source)
 
 
 def iter_records(chunk: Chunk, text_field: str) -> Iterator[Record]:
@@ -233,7 +254,8 @@ def iter_records(chunk: Chunk, text_field: str) -> Iterator[Record]:
             if isinstance(text, str):
                 yield Record(chunk.first_line + i, text, source)
             else:
-                yield Record(chunk.first_line + i, None, "", f"null {text_field!r}")
+                what = "null" if text is None else f"non-string ({type(text).__name__})"
+                yield Record(chunk.first_line + i, None, "", f"{what} {text_field!r}")
         return
     line = chunk.first_line
     start = 0

@@ -51,6 +51,7 @@ def summarize(ds: ShardDataset) -> dict[str, Any]:
         "fingerprint": ds.fingerprint,
         "tokenizer": ds.tokenizer,
         "skipped_empty": sum(m["totals"].get("skipped_empty", 0) for m in ds.manifests),
+        "blank_lines": sum(m["totals"].get("blank_lines", 0) for m in ds.manifests),
         "bad_lines": sum(m["totals"].get("bad_lines", 0) for m in ds.manifests),
         "tokens_per_document": stats,
         "sources": sources,
@@ -92,7 +93,7 @@ def format_summary(facts: dict[str, Any]) -> str:
         f"  tokenizer {t['name']}: vocab size {t['vocab_size']:,}, EOS {t['eos_id']}, "
         f"{t['fingerprint'][:23]}…",
         f"  skipped at tokenize: {facts['skipped_empty']:,} empty documents, "
-        f"{facts['bad_lines']:,} bad lines",
+        f"{facts['blank_lines']:,} blank lines, {facts['bad_lines']:,} bad lines",
         f"  data fingerprint {facts['fingerprint']}",
         "",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -72,9 +73,21 @@ def usable_cores() -> int:
 _worker_tokenizer = None
 
 
-def _init_worker(spec: str) -> None:
+def _init_worker(spec: str, parent: int) -> None:
     global _worker_tokenizer
+    _die_with(parent)
     _worker_tokenizer = load_tokenizer(spec)
+
+
+def _die_with(parent: int) -> None:
+    """Exit when the main process dies (kill -9 included): no orphan workers keep running."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool) -> dict:
@@ -84,6 +97,9 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
     bad: list[dict] = []
     try:
         for rec in iter_records(chunk, text_field):
+            if rec.blank:
+                skipped.append([rec.line, "blank"])
+                continue
             if rec.error is not None:
                 if not skip_bad:
                     raise InputError(chunk.path, rec.line, rec.error)
@@ -213,6 +229,7 @@ def _manifest(job: dict, records: list[dict]) -> dict[str, Any]:
         "tokens": sum(r["tokens"] for r in records),
         "documents": sum(r["documents"] for r in records),
         "skipped_empty": sum(1 for r in records for _, why in r["skipped_lines"] if why == "empty"),
+        "blank_lines": sum(1 for r in records for _, why in r["skipped_lines"] if why == "blank"),
         "bad_lines": sum(1 for r in records for _, why in r["skipped_lines"] if why == "bad"),
     }
     return {
@@ -291,7 +308,7 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
             bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
 
     ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
-    with ProcessPoolExecutor(workers, ctx, _init_worker, (opts.tokenizer,)) as pool:
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (opts.tokenizer, os.getpid())) as pool:
         try:
             for chunk in iter_chunks(inputs, opts.shard_bytes, opts.text_field):
                 if failure is not None:

@@ -265,7 +265,7 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
     out = _Collector(directory / MANIFEST)
     records = manifest["shards"]
     totals = {"shards": len(records), "tokens": 0, "documents": 0, "skipped_empty": 0,
-              "bad_lines": 0}  # fmt: skip
+              "blank_lines": 0, "bad_lines": 0}  # fmt: skip
     sources: dict[str, dict[str, int]] = {}
     names = set()
     for i, r in enumerate(records):
@@ -286,6 +286,7 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
         totals["tokens"] += r["tokens"]
         totals["documents"] += r["documents"]
         totals["skipped_empty"] += sum(1 for _, why in r["skipped_lines"] if why == "empty")
+        totals["blank_lines"] += sum(1 for _, why in r["skipped_lines"] if why == "blank")
         totals["bad_lines"] += sum(1 for _, why in r["skipped_lines"] if why == "bad")
         for s in r["sources"]:
             t = sources.setdefault(s["name"], {"tokens": 0, "documents": 0})

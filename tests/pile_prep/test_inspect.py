@@ -122,3 +122,7 @@ def test_errors(made, tmp_path):
     assert "Total" in inspect_report(other)  # the summary needs no tokenizer
     with pytest.raises(ShardError, match="--tokenizer PATH"):
         inspect_report(other, decode=1)
+    bad_tokenizer = CliRunner().invoke(main, ["inspect", str(other), "--decode", "1", "--tokenizer",
+                                              str(tmp_path / "no-such-tokenizer")])  # fmt: skip
+    assert bad_tokenizer.exit_code == 1 and "unknown tokenizer" in bad_tokenizer.output
+    assert "Traceback" not in bad_tokenizer.output

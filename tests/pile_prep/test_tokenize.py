@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,7 @@ BAD_LINES = {
     "invalid UTF-8": b'{"text": "caf\xe9"}',
     "no 'text' field": b'{"body": "x"}',
     "non-string (int) 'text' field": b'{"text": 42}',
+    "lone surrogate '\\ud800'": b'{"text": "a\\ud800b"}',
 }
 
 
@@ -259,3 +261,42 @@ def test_overwrite_starts_again(sample_corpus, tmp_path):
     assert run(sample_corpus[:1], out).tokens_this_run == 0  # complete: nothing to redo
     again = run(sample_corpus[:1], out, overwrite=True)
     assert again.tokens_this_run == again.manifest["totals"]["tokens"] > 0
+
+
+def test_blank_lines_are_skipped_and_counted(tok, tmp_path):
+    # A blank line mid-file, a lone CR (CRLF file), and a trailing empty line: no records, as in
+    # Hugging Face's json reader (the streaming source), so both sources see the same documents.
+    raw = GOOD + b"\n\n" + GOOD + b"\r\n\r\n" + GOOD + b"\n   \n\n"
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(raw)
+    m = run([path], tmp_path / "out").manifest
+    assert m["totals"]["documents"] == 3 and m["totals"]["bad_lines"] == 0
+    assert m["totals"]["blank_lines"] == 4
+    assert m["shards"][0]["skipped_lines"] == [[2, "blank"], [4, "blank"], [6, "blank"], [7, "blank"]]
+    assert [ids for ids, _ in read_docs(tmp_path / "out")] == [tok.encode("fine text") + [tok.eos_id]] * 3
+
+
+def test_truncated_gzip_keeps_every_complete_line(tmp_path):
+    lines = [json.dumps(pile_record(f"document {i} " + "x" * (i % 300), "Pile-CC")).encode() for i in range(20000)]
+    data = gzip.compress(b"\n".join(lines) + b"\n")
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    readable = zlib.decompressobj(31).decompress(data[: len(data) // 2])
+    complete = readable.count(b"\n")
+    m = run([path], tmp_path / "out", skip_bad_lines=True).manifest
+    assert m["totals"]["documents"] == complete
+    assert m["bad_lines"][0]["line"] == complete + 1
+
+
+def test_corrupt_parquet_is_a_bad_input_not_a_crash(tmp_path):
+    records = [pile_record(f"row {i} " + "y" * 200, "ArXiv") for i in range(4000)]
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path, compression="none", row_group_size=1000)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = b"\xff" * 2000
+    path.write_bytes(bytes(data))
+    with pytest.raises(TokenizeError, match=r"c.parquet, line \d+: corrupt Parquet data"):
+        run([path], tmp_path / "o")
+    m = run([path], tmp_path / "o", skip_bad_lines=True).manifest
+    assert m["totals"]["bad_lines"] == 1 and m["totals"]["documents"] < 4000
