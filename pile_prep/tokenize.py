@@ -316,9 +316,10 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
                 if chunk.error is not None and not opts.skip_bad_lines:
                     raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
                 name = shard_name(chunk.input_index, chunk.chunk_index)
-                done_record = shard_is_done(output, name)
-                if done_record is not None:
-                    records[name] = done_record
+                done = shard_is_done(output, name)
+                span = (chunk.first_line, chunk.last_line)
+                if done is not None and (done["first_line"], done["last_line"]) == span:
+                    records[name] = done  # (a record of another cut is stale: redo the shard)
                     resumed += 1
                     advance(chunk)
                     continue
