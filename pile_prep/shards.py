@@ -38,24 +38,6 @@ def encode_index(offsets: np.ndarray, sources: np.ndarray) -> bytes:
     return header + offsets.astype("<u8").tobytes() + sources.astype("<u2").tobytes()
 
 
-def read_index(path: Path, num_docs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [N+1] uint64, sources [N] uint16) as read-only memmaps of an `.idx` file."""
-    with open(path, "rb") as f:
-        header = f.read(INDEX_HEADER)
-    if len(header) < INDEX_HEADER or header[:8] != INDEX_MAGIC:
-        raise ValueError(f"{path}: not a pile-prep index (bad magic)")
-    n = int(np.frombuffer(header[8:], "<u8")[0])
-    if num_docs is not None and n != num_docs:
-        raise ValueError(f"{path}: index has {n} documents, manifest says {num_docs}")
-    if path.stat().st_size != index_size(n):
-        raise ValueError(
-            f"{path}: size {path.stat().st_size} bytes, expected {index_size(n)} for {n} documents"
-        )
-    offsets = np.memmap(path, "<u8", "r", offset=INDEX_HEADER, shape=(n + 1,))
-    sources = np.memmap(path, "<u2", "r", offset=INDEX_HEADER + 8 * (n + 1), shape=(n,))
-    return offsets, sources
-
-
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -13,7 +13,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,8 +20,8 @@ import zstandard
 from click.testing import CliRunner
 
 from pile_prep.cli import main as cli
+from pile_prep.reader import ShardDataset
 from pile_prep.sample import write_sample_corpus
-from pile_prep.shards import read_index
 from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
 from pile_prep.tokenizer import load_tokenizer, nfc
 
@@ -41,16 +40,8 @@ def run(inputs, out, **kw):
 
 
 def read_docs(out: Path) -> list[tuple[list[int], str]]:
-    """Every document (tokens incl. EOS, source) of an output dir, straight from the files."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    docs = []
-    for rec in manifest["shards"]:
-        tokens = np.fromfile(out / f"{rec['name']}.bin", "<u4")
-        offsets, sources = read_index(out / f"{rec['name']}.idx", rec["documents"])
-        names = [s["name"] for s in rec["sources"]]
-        for i in range(rec["documents"]):
-            docs.append((tokens[offsets[i] : offsets[i + 1]].tolist(), names[sources[i]]))
-    return docs
+    """Every document (tokens incl. EOS, source) of an output dir, through the one reader."""
+    return [(tokens.tolist(), source) for tokens, source in ShardDataset(out).iter_documents()]
 
 
 def input_docs(paths) -> list[tuple[str, str]]:
