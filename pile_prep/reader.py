@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pile_prep.shards import (
     MANIFEST,
     TOKEN_DTYPE,
     index_size,
+    size_problem,
 )
 
 DEFAULT_MAX_OPEN = 64  # shards mapped at once (each mapping holds one file descriptor)
@@ -115,16 +115,8 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def check_shard_files(shard: Shard) -> str | None:
-    """Why the shard's files disagree with its record (a stat, no read), or None if they agree."""
-    for path, expected in ((shard.bin_path, 4 * shard.record["tokens"]),
-                           (shard.idx_path, index_size(shard.record["documents"]))):  # fmt: skip
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            return f"{path}: missing (listed in {shard.directory / MANIFEST})"
-        if size != expected:
-            return f"{path}: {size} bytes, the manifest says {expected}"
-    return None
+    """Why the shard's files disagree with the manifest (a stat, no read), or None if they agree."""
+    return size_problem(shard.directory, shard.record, "the manifest")
 
 
 def read_index(shard: Shard) -> tuple[np.ndarray, np.ndarray]:

@@ -138,17 +138,26 @@ class ShardWriter:
         self._tmp_bin.unlink(missing_ok=True)
 
 
+def size_problem(directory: Path, record: dict[str, Any], source: str = "the record") -> str | None:
+    """Why the shard's .bin/.idx sizes disagree with `record` (a stat, no read), or None.
+
+    `source` names where the record came from, for the message."""
+    name = record["name"]
+    for path, expected in ((directory / f"{name}.bin", 4 * record["tokens"]),
+                           (directory / f"{name}.idx", index_size(record["documents"]))):  # fmt: skip
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path}: missing (listed in {source})"
+        if size != expected:
+            return f"{path}: {size} bytes, {source} says {expected}"
+    return None
+
+
 def shard_is_done(directory: Path, name: str) -> dict[str, Any] | None:
     """The shard's record if it is completely written, else None."""
-    record_path = directory / f"{name}.json"
-    if not record_path.exists():
-        return None
     try:
-        record = read_json(record_path)
-        bin_size = (directory / f"{name}.bin").stat().st_size
-        idx_size = (directory / f"{name}.idx").stat().st_size
+        record = read_json(directory / f"{name}.json")
     except (OSError, ValueError):
         return None
-    if bin_size != 4 * record["tokens"] or idx_size != index_size(record["documents"]):
-        return None
-    return record
+    return record if size_problem(directory, record) is None else None
