@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ioe_train.model import PRESETS, ModelConfig
+from ioe_train.model import ModelConfig
 from ioe_train.moe import MoEConfig
 
 
@@ -160,7 +160,7 @@ class TrainConfig:
             _fail("optim.betas", f"{list(self.optim.betas)} must lie in [0, 1)")
         if self.eval.interval and not self.data.val_dirs:
             _fail("eval.interval", f"{self.eval.interval} but data.val_dirs is empty (set 0 to disable)")
-        max_seq_len = self.model.max_seq_len or PRESETS[self.model.name][0].max_seq_len
+        max_seq_len = self.model.arch().max_seq_len
         if self.data.seq_len > max_seq_len:
             _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
 
@@ -207,8 +207,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         cfg = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as e:  # the model's own __post_init__ checks
         why = str(e.__cause__ if isinstance(e, OmegaConfBaseException) and e.__cause__ else e).splitlines()[0]
-        key = "model.moe" if why.split(" ")[0] in MoEConfig.__dataclass_fields__ else "model"
-        raise ConfigError(f"{key}: {why}") from None
+        word = why.split(" ")[0].rstrip(":")
+        if word in MoEConfig.__dataclass_fields__:
+            raise ConfigError(f"model.moe.{word}: {why.removeprefix(word).lstrip(': ')}") from None
+        if word in ModelConfig.__dataclass_fields__:
+            raise ConfigError(f"model.{word}: {why.removeprefix(word).lstrip(': ')}") from None
+        raise ConfigError(f"model: {why}") from None
     assert isinstance(cfg, TrainConfig)
     cfg.validate()
     return cfg

@@ -18,8 +18,71 @@ from torch import Tensor
 
 
 def token_ce_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum of the token cross-entropies in fp32. logits: [B, S, V], labels: [B, S]."""
+    """Sum of the token cross-entropies in fp32 from full logits [B, S, V]; labels: [B, S].
+
+    The reference for `linear_cross_entropy`, which never materialises the logits.
+    """
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int,
+                         reduction: str = "sum") -> Tensor:  # fmt: skip
+    """Cross-entropy of the logits h W^T in fp32, `chunk_tokens` rows at a time.
+
+    h: [T, D] final hidden states, weight: [V, D] output projection, labels: [T].
+    reduction "sum": a differentiable fp32 scalar; "none": per-token losses [T], for evaluation
+    (no gradient). Equals `token_ce_sum` on the full logits to fp32 rounding, but at most one
+    chunk of logits ([chunk_tokens, V] fp32, ~0.6 GB at 1024 x 151,936) exists at a time, where
+    the full logits of a 4 x 2048 micro-batch and their fp32 copy and gradient take ~15 GB.
+    """
+    if reduction == "none":
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            raise RuntimeError("linear_cross_entropy(reduction='none') is for evaluation: run it under torch.no_grad()")
+        return torch.cat([F.cross_entropy(F.linear(hc, weight).float(), yc, reduction="none")
+                          for hc, yc in zip(h.split(chunk_tokens), labels.split(chunk_tokens))])  # fmt: skip
+    if reduction != "sum":
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    return _LinearCrossEntropySum.apply(h, weight, labels, chunk_tokens)
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_t CE(h_t W^T, y_t) with its gradients computed chunk by chunk in forward.
+
+    A chunk's logits are freed before the next one is made, so backward has no logits to reuse:
+    instead forward also computes dL/dh and dL/dW (softmax - one_hot, two more matmuls, the same
+    three matmuls as plain autograd; Liger-Kernel's fused linear cross-entropy does the same), and
+    backward scales them by the incoming gradient. dL/dW accumulates in fp32 across chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None  # [T, D]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # [V, D]
+        for a in range(0, h.shape[0], chunk_tokens):
+            hc, yc = h[a : a + chunk_tokens], labels[a : a + chunk_tokens]  # [C, D], [C]
+            logits = F.linear(hc, weight).float()  # [C, V]
+            lse = logits.logsumexp(dim=-1)  # [C]
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # [C, V] softmax, in place
+                grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0  # d CE / d logits
+                grad = grad.to(h.dtype)
+                if want_h:
+                    torch.mm(grad, weight, out=grad_h[a : a + chunk_tokens])  # [C, D]
+                if want_w:
+                    grad_w += (grad.t() @ hc).float()  # [V, D]
+        ctx.grads = (grad_h, grad_w, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_w, w_dtype = ctx.grads
+        del ctx.grads
+        grad_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None
 
 
 def microbatch_loss(ce_sum: Tensor, router_loss: Tensor, aux_loss: Tensor, *, tokens_per_rank_step: int,

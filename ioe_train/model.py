@@ -2,8 +2,9 @@
 
 B batch, S sequence length, D model dim, V vocabulary, L layers, E experts.
 
-`logits, router_loss, aux_loss = model(tokens)`: router_loss and aux_loss are summed over layers
-(zeros for a dense model). Each block returns its own losses and expert load as outputs, and the
+`logits, router_loss, aux_loss = model(tokens)`, or `ce, router_loss, aux_loss = model(tokens,
+labels)` (the output projection and cross-entropy fused chunk by chunk: training never holds the
+[B, S, V] logits). router_loss and aux_loss are summed over layers (zeros for a dense model). Each block returns its own losses and expert load as outputs, and the
 root (never recomputed) sums and stores them: activation checkpointing a block re-runs its forward
 in backward but cannot count it twice.
 """
@@ -22,6 +23,7 @@ from ioe_train.blocks import (
     RMSNorm,
     TiedLinear,
 )
+from ioe_train.loss import linear_cross_entropy
 from ioe_train.moe import ROUTERS, MoE, MoEConfig, swiglu_mlp
 
 
@@ -46,6 +48,9 @@ QWEN2_5_0_5B = Arch(
 )
 TINY = Arch(vocab_size=512, num_layers=2, dim=64, num_heads=4, num_kv_heads=2, hidden_dim=128, max_seq_len=512)
 
+# ModelConfig fields that override the preset's Arch field of the same name.
+_ARCH_OVERRIDES = ("vocab_size", "max_seq_len", "num_layers", "dim", "num_heads", "num_kv_heads", "hidden_dim")
+
 # name -> (architecture, whether its MLPs are MoE layers)
 PRESETS: dict[str, tuple[Arch, bool]] = {
     "qwen2_5_moe": (QWEN2_5_0_5B, True),
@@ -61,16 +66,44 @@ class ModelConfig:
 
     name: str = "qwen2_5_moe"  # a key of PRESETS
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers; unused by *_dense presets
-    vocab_size: int | None = None  # None = the preset's (151,936 for Qwen2.5)
-    max_seq_len: int | None = None  # None = the preset's (32,768 for Qwen2.5)
+    # Architecture overrides of the preset (None = the preset's value), e.g. the 0.5B widths at
+    # 2 layers for sizing (`ioe-train plan`) or a narrower model for ablations.
+    vocab_size: int | None = None  # 151,936 for Qwen2.5
+    max_seq_len: int | None = None  # RoPE cache length; 32,768 for Qwen2.5
+    num_layers: int | None = None  # 24 for Qwen2.5-0.5B
+    dim: int | None = None  # D: 896
+    num_heads: int | None = None  # query heads: 14 (head_dim = dim / num_heads = 64)
+    num_kv_heads: int | None = None  # key/value heads (GQA): 2
+    hidden_dim: int | None = None  # dense SwiGLU hidden size: 4864 (MoE experts derive from it)
+    # Tokens per chunk of the fused output projection + cross-entropy: one chunk's fp32 logits and
+    # their gradient (chunk x V x ~10 bytes: 1.5 GB at 1024 x 151,936) exist at a time.
+    ce_chunk_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.name not in PRESETS:
             raise ValueError(f"name must be one of {sorted(PRESETS)}, got {self.name!r}")
-        for key in ("vocab_size", "max_seq_len"):
+        for key in (*_ARCH_OVERRIDES, "ce_chunk_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1 or None, got {value}")
+        arch = self.arch()
+        if arch.dim % arch.num_heads:
+            raise ValueError(f"num_heads must divide dim: {arch.num_heads} heads, dim {arch.dim}")
+        if arch.num_heads % arch.num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads: {arch.num_kv_heads} kv heads, "
+                             f"{arch.num_heads} heads")  # fmt: skip
+        if (arch.dim // arch.num_heads) % 2:
+            raise ValueError(f"num_heads: head_dim = dim / num_heads = {arch.dim // arch.num_heads} "
+                             "must be even (RoPE rotates pairs)")  # fmt: skip
+
+    def arch(self) -> Arch:
+        """The preset's dimensions with this config's overrides applied."""
+        overrides = {k: getattr(self, k) for k in _ARCH_OVERRIDES if getattr(self, k) is not None}
+        return replace(PRESETS[self.name][0], **overrides)
+
+    @property
+    def is_moe(self) -> bool:
+        return PRESETS[self.name][1]
 
 
 class Block(nn.Module):
@@ -105,13 +138,14 @@ class Decoder(nn.Module):
     that forward's detached expert load (overwritten, never accumulated); see `expert_stats`.
     """
 
-    def __init__(self, arch: Arch, moe: MoEConfig | None) -> None:
+    def __init__(self, arch: Arch, moe: MoEConfig | None, ce_chunk_tokens: int = 1024) -> None:
         super().__init__()
         if moe is not None and moe.expert_hidden_dim == 0:  # FLOP-matched to the dense MLP
             moe = replace(moe, expert_hidden_dim=arch.hidden_dim // ROUTERS[moe.router].active_experts(moe))
         self.arch = arch
         self.vocab_size = arch.vocab_size
         self.max_seq_len = arch.max_seq_len
+        self.ce_chunk_tokens = ce_chunk_tokens
         head_dim = arch.dim // arch.num_heads
         rope = Qwen2RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=arch.max_seq_len, base=arch.rope_base)
         self.tok_embeddings = nn.Embedding(arch.vocab_size, arch.dim)
@@ -121,8 +155,14 @@ class Decoder(nn.Module):
         self.tokens_per_expert: Tensor | None = None
         self.router_entropy: Tensor | None = None
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """tokens: [B, S] int64 -> logits [B, S, V] (parameter dtype), router_loss, aux_loss (fp32)."""
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, reduction: str = "sum") -> tuple[Tensor, Tensor, Tensor]:
+        """tokens: [B, S] int64 -> (out, router_loss, aux_loss), the losses fp32 scalars.
+
+        Without labels, out is the logits [B, S, V] (parameter dtype). With labels [B, S], out is
+        the fp32 cross-entropy of the labels: summed (reduction "sum", differentiable) or per
+        token [B, S] (reduction "none", evaluation only), `ce_chunk_tokens` rows of logits at a
+        time (ioe_train.loss.linear_cross_entropy).
+        """
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.max_seq_len}")
         h = self.tok_embeddings(tokens)  # [B, S, D]
@@ -137,7 +177,12 @@ class Decoder(nn.Module):
         if loads[0].numel():
             self.tokens_per_expert = torch.stack(loads)  # [L, E]
             self.router_entropy = torch.stack(entropies)  # [L]
-        return self.output(self.norm(h)), router_loss, aux_loss
+        h = self.norm(h)  # [B, S, D]
+        if labels is None:
+            return self.output(h), router_loss, aux_loss
+        ce = linear_cross_entropy(h.flatten(0, 1), self.tok_embeddings.weight, labels.flatten(),
+                                  self.ce_chunk_tokens, reduction)  # fmt: skip
+        return (ce.view(labels.shape) if reduction == "none" else ce), router_loss, aux_loss
 
 
 def _block(arch: Arch, head_dim: int, rope: nn.Module, moe: MoEConfig | None) -> Block:
@@ -180,9 +225,7 @@ def tiny_dense(**overrides) -> Decoder:
 
 def build_model(cfg: ModelConfig) -> Decoder:
     """The model `cfg` names; safe under `torch.device("meta")` (then to_empty + init_weights)."""
-    arch, is_moe = PRESETS[cfg.name]
-    overrides = {k: v for k, v in (("vocab_size", cfg.vocab_size), ("max_seq_len", cfg.max_seq_len)) if v is not None}
-    return Decoder(replace(arch, **overrides), cfg.moe if is_moe else None)
+    return Decoder(cfg.arch(), cfg.moe if cfg.is_moe else None, cfg.ce_chunk_tokens)
 
 
 def init_weights(model: Decoder, std: float = 0.02) -> None:

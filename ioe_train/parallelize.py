@@ -25,8 +25,11 @@ from ioe_train.moe import Experts, MoE
 _aten = torch.ops.aten
 # Ops whose outputs activation checkpointing keeps instead of recomputing. The router's top-k is
 # always kept: a recomputed forward then routes exactly as the first one did, even where bf16
-# matmuls differ in the last bit. "selective" also keeps attention (the costliest op to redo).
-_KEEP_ALWAYS = {_aten.topk.default}
+# matmuls differ in the last bit. So is the all-reduce of the global load-balancing counts
+# (aux_loss_scope: global): recomputed, it would be a second blocking collective per MoE layer
+# inside backward (torchtitan keeps its collectives too). "selective" also keeps attention (the
+# costliest op to redo).
+_KEEP_ALWAYS = {_aten.topk.default, torch.ops._c10d_functional.all_reduce.default}
 _KEEP_SELECTIVE = _KEEP_ALWAYS | {
     getattr(_aten, name).default
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",

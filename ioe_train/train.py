@@ -19,14 +19,13 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader
-from ioe_train.loss import microbatch_loss, per_source_sums, token_ce_sum, total_loss
+from ioe_train.loss import microbatch_loss, per_source_sums, total_loss
 from ioe_train.metrics import (
     MetricsLogger,
     flops_per_token,
@@ -90,11 +89,9 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
         batch = next(batches)
         inputs = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
-        logits, router_loss, aux_loss = model(inputs)
-        ce_sum = token_ce_sum(logits, labels)
+        ce_sum, router_loss, aux_loss = model(inputs, labels)  # fused output + CE: no [B, S, V] logits
         loss = microbatch_loss(ce_sum, router_loss, aux_loss, tokens_per_rank_step=tokens_per_rank_step,
                                grad_accum=a, load_balancing_loss_weight=cfg.load_balancing_loss_weight)
-        del logits
         loss.backward()
         sums += torch.stack([ce_sum.detach(), aux_loss.detach(), router_loss.detach()]).double()
         stats = expert_stats(model) if want_experts else {}
@@ -129,9 +126,7 @@ def evaluate(model: nn.Module, eval_set: EvalSet, cfg: TrainConfig, device: torc
     counts = torch.zeros(n, dtype=torch.float64, device=device)
     batch_size = cfg.eval.batch_size or cfg.micro_batch_size
     for batch in eval_set.batches(batch_size, cfg.eval.max_batches):
-        logits, _, _ = model(batch["input_ids"].to(device))
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(device).flatten(),
-                                 reduction="none")  # [B*S]  # fmt: skip
+        losses, _, _ = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="none")  # [B, S]
         s, c = per_source_sums(losses, batch["source_ids"].to(device), n)
         sums += s
         counts += c

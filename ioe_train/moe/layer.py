@@ -37,8 +37,10 @@ class MoE(nn.Module):
         if cfg.expert_hidden_dim <= 0:
             raise ValueError("expert_hidden_dim must be > 0 here; 0 (FLOP-matched) is resolved by the model builder")
         self.cfg = cfg
-        self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden_dim, path=cfg.grouped_mm)
-        self.router = ROUTERS[cfg.router](dim, cfg)
+        router = ROUTERS[cfg.router]
+        self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden_dim, path=cfg.grouped_mm,
+                               init_scale=router.expert_init_scale(cfg))  # fmt: skip
+        self.router = router(dim, cfg)
         self.shared_expert = swiglu_mlp(dim, cfg.shared_expert_hidden_dim) if cfg.shared_expert_hidden_dim else None
         # Sums per-expert counts [E] over data-parallel ranks; set by parallelize.py (an all-reduce)
         # when aux_loss_scope == "global". Model code never imports torch.distributed.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ioe_train.moe.experts import Experts, swiglu
+from ioe_train.moe.experts import Experts
 from ioe_train.moe.losses import ReduceFn, entropy, load_balancing_loss, z_loss
 
 if TYPE_CHECKING:
@@ -44,6 +44,11 @@ class Router(nn.Module, ABC):
     @abstractmethod
     def active_experts(cls, cfg: MoEConfig) -> int:
         """Experts' worth of FLOPs (and parameters) that one token uses."""
+
+    @classmethod
+    def expert_init_scale(cls, cfg: MoEConfig) -> float:
+        """Factor on the experts' init std, so that what a token uses starts at a dense MLP's scale."""
+        return 1.0
 
     @abstractmethod
     def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
@@ -122,7 +127,13 @@ class IoERouter(Router):
     W_s = sum_e g_{s,e} W_e whose weights come from the previous segment only, which keeps it
     causal: g_s = softmax(W_r mean(h over segment s-1)) for s >= 1 (Lory), and g_0 = softmax of
     a learned prior (zeros at init = uniform). Cost: a segment's merge is E * 3DH multiply-adds
-    against its L * 3DH of matmul, and B * N merged experts live in memory at once.
+    against its L * 3DH of matmul. Memory: `ioe_merge_chunk` merged experts at a time, none kept
+    for backward (Experts.merged_swiglu).
+
+    Init: a uniform merge of E independent N(0, s^2) experts has std s / sqrt(E), and a SwiGLU's
+    output scales with the cube of its weights' scale (E^-1.5 = 1/22.6 at E = 8). Experts are
+    therefore initialised with std s * sqrt(E): the merged expert at init is N(0, s^2), the scale
+    of the dense MLP of the same width.
 
     Losses are over the B * (N - 1) routed segments (zero if N = 1; the prior is not routed):
     z-loss of their logits, and the Switch loss with f_e the fraction of routed segments whose
@@ -136,8 +147,13 @@ class IoERouter(Router):
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         self.prior = nn.Parameter(torch.empty(cfg.num_experts))  # [E] logits of segment 0
         self.segment_len = cfg.ioe_segment_len
+        self.merge_chunk = cfg.ioe_merge_chunk
         self.z_loss_coef = cfg.z_loss_coef
         self.jitter = cfg.jitter
+
+    @classmethod
+    def expert_init_scale(cls, cfg: MoEConfig) -> float:
+        return cfg.num_experts**0.5  # see the class docstring
 
     def init_params(self, std: float) -> None:
         nn.init.zeros_(self.prior)
@@ -159,9 +175,8 @@ class IoERouter(Router):
         prior = self.prior.float().softmax(dim=-1).expand(b, 1, e)  # [B, 1, E]
         g = torch.cat([prior, probs.view(b, n - 1, e)], dim=1)  # [B, N, E] weights of segment s
 
-        w_gate_up, w_down = experts.merge(g.reshape(b * n, e))  # [B*N, D, 2H], [B*N, H, D]
-        h = swiglu(torch.bmm(xs.reshape(b * n, seg, d), w_gate_up))  # [B*N, L, H]
-        out = torch.bmm(h, w_down).view(b, n * seg, d)[:, :s]  # [B, S, D]
+        out = experts.merged_swiglu(xs.reshape(b * n, seg, d), g.reshape(b * n, e), self.merge_chunk)  # [B*N, L, D]
+        out = out.view(b, n * seg, d)[:, :s]  # [B, S, D]
 
         zero = x.new_zeros((), dtype=torch.float32)
         if n > 1:

@@ -3,8 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ioe_train.config import ConfigError, TrainConfig, load_config
+from ioe_train.model import build_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -39,8 +41,12 @@ def test_base_file_is_merged_first(tmp_path):
         (["optim.min_lr_ratio=2"], r"^optim\.min_lr_ratio: 2\.0 is not in \[0, 1\]"),
         (["steps=0"], r"^steps: 0 is below 1"),
         (["data.source=streaming"], r"^data\.streaming\.data_files: empty"),
-        (["model.moe.top_k=9"], r"^model.moe: top_k must be in"),
-        (["model.name=gpt5"], r"^model: name must be one of"),
+        (["model.moe.top_k=9"], r"^model\.moe\.top_k: must be in"),
+        (["model.name=gpt5"], r"^model\.name: must be one of"),
+        (["model.num_heads=3"], r"^model\.num_heads: must divide dim: 3 heads, dim 64"),
+        (["model.num_kv_heads=3"], r"^model\.num_kv_heads: must divide num_heads"),
+        (["model.num_heads=64"], r"^model\.num_heads: head_dim = dim / num_heads = 1 "),
+        (["model.dim=0"], r"^model\.dim: must be >= 1"),
         (["lr"], r"^lr: an override is key=value"),
     ],
 )
@@ -54,6 +60,21 @@ def test_unknown_yaml_key_names_its_path(tmp_path):
     bad.write_text("data:\n  trian_dirs: [x]\n")
     with pytest.raises(ConfigError, match=r"^data\.trian_dirs: Key 'trian_dirs' not in 'DataConfig'"):
         load_config(bad)
+
+
+def test_architecture_overrides_scale_the_preset():
+    cfg = load_config(CONFIGS / "qwen2_5_0_5b_moe_pile_pretrain_fsdp.yaml",
+                      ["model.num_layers=2", "model.dim=448", "model.num_heads=7", "model.num_kv_heads=1",
+                       "model.hidden_dim=2432"])  # fmt: skip
+    arch = cfg.model.arch()
+    assert (arch.num_layers, arch.dim, arch.num_heads, arch.num_kv_heads, arch.hidden_dim) == (2, 448, 7, 1, 2432)
+    assert (arch.vocab_size, arch.max_seq_len) == (151_936, 4096)  # the YAML's, untouched
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    block = model.layers[0]
+    assert len(model.layers) == 2 and model.tok_embeddings.weight.shape == (151_936, 448)
+    assert (block.attn.num_heads, block.attn.num_kv_heads, block.attn.head_dim) == (7, 1, 64)
+    assert block.mlp.experts.w_gate_up.shape == (8, 448, 2 * 1216)  # 2432 / top-2
 
 
 def test_resolved_yaml_loads_back(tmp_path):

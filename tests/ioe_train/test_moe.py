@@ -15,6 +15,7 @@ from ioe_train.moe import (
     MoEConfig,
     expert_path,
     load_balancing_loss,
+    swiglu_mlp,
     z_loss,
 )
 
@@ -168,6 +169,68 @@ def test_ioe_merges_parameters_from_the_previous_segment():
     torch.testing.assert_close(out[0, 8:10], merged_swiglu(x[0, 8:10], g2))
 
 
+def ioe_unchunked(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The IoE formula as first written: every merged expert at once, autograd through it all."""
+    b, s, d = x.shape
+    seg = moe.router.segment_len
+    n, e = -(-s // seg), moe.experts.num_experts
+    xs = F.pad(x, (0, 0, 0, n * seg - s)).view(b, n, seg, d)
+    probs = F.linear(xs[:, :-1].mean(dim=2), moe.router.gate.weight).softmax(-1)  # [B, N-1, E]
+    g = torch.cat([moe.router.prior.softmax(-1).expand(b, 1, e), probs], dim=1).reshape(b * n, e)
+    w_gu = torch.einsum("me,edh->mdh", g, moe.experts.w_gate_up)
+    w_d = torch.einsum("me,ehd->mhd", g, moe.experts.w_down)
+    gate, up = torch.bmm(xs.reshape(b * n, seg, d), w_gu).chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * up, w_d).view(b, n * seg, d)[:, :s]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_ioe_equals_the_unchunked_formula_with_gradients(chunk):
+    moe = make_moe(router="ioe", num_experts=3, ioe_segment_len=4, ioe_merge_chunk=chunk)
+    x = torch.randn(2, 19, D, requires_grad=True)  # 5 segments per sequence, the last of 3 tokens
+    dy = torch.randn(2, 19, D)
+    want = ioe_unchunked(moe, x)
+    want_grads = torch.autograd.grad((want * dy).sum(), [x, *moe.parameters()])
+    got, _, _ = moe(x)
+    got_grads = torch.autograd.grad((got * dy).sum(), [x, *moe.parameters()])
+    torch.testing.assert_close(got, want)
+    names = ["x", *(name for name, _ in moe.named_parameters())]
+    for name, g, w in zip(names, got_grads, want_grads):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_ioe_keeps_no_merged_expert_for_backward():
+    moe = make_moe(router="ioe", num_experts=4, ioe_segment_len=4, ioe_merge_chunk=2)
+    x = torch.randn(2, 16, D, requires_grad=True)  # M = 8 merged experts of D x 2H + H x D
+    params = {p.data_ptr() for p in moe.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        moe(x)
+    assert max(saved) <= x.numel()  # x itself; a merged chunk would be 2 x D x 2H = 2 x x.numel()
+    assert sum(saved) < 8 * 3 * D * H  # less than the M merged experts together
+
+
+def test_ioe_starts_at_the_scale_of_a_dense_mlp():
+    # A uniform merge of E experts of std s has std s / sqrt(E); the output of a SwiGLU scales as
+    # its weights cubed. Experts start at std s * sqrt(E), so the merge is at a dense MLP's scale.
+    torch.manual_seed(0)
+    dim, hidden, std = 128, 512, 0.02
+    moe = MoE(dim, MoEConfig(router="ioe", num_experts=8, expert_hidden_dim=hidden, ioe_segment_len=16))
+    dense = swiglu_mlp(dim, hidden)
+    for module in (moe.experts, moe.router):
+        module.init_params(std)
+    for p in (*dense.parameters(), moe.router.gate.weight):
+        torch.nn.init.normal_(p, std=std)
+    x = torch.randn(4, 64, dim)
+    ratio = moe(x)[0].std() / dense(x).std()
+    assert 0.7 < ratio < 1.4, ratio  # at init scale 1 it would be 8^-1.5 = 0.044
+
+
 def test_ioe_losses_and_stats():
     moe = make_moe(router="ioe", num_experts=4, ioe_segment_len=4, z_loss_coef=0.5)
     x = torch.randn(2, 11, D)  # 3 segments, the last of 3 tokens: 2 x 2 routed segments
@@ -224,6 +287,7 @@ def test_auto_path_compiles_in_fp32():
         ("grouped_mm", "fast"),
         ("aux_loss_scope", "sequence"),
         ("ioe_segment_len", 0),
+        ("ioe_merge_chunk", 0),
         ("z_loss_coef", -1.0),
     ],
 )

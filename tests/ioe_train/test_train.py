@@ -10,7 +10,9 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import Shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import ioe_train.model as model_mod
 import ioe_train.train as train_mod
 from ioe_train.config import ConfigError, load_config
 from ioe_train.loss import token_ce_sum
@@ -69,6 +71,47 @@ def test_loss_composition_and_gradients_match_single_process(shards, tmp_path, c
     run_distributed(_loss_and_grads_match_reference, str(shards[0]), str(tmp_path), checkpointing)
 
 
+class _CountAllReduces(TorchDispatchMode):
+    """Counts the functional all-reduces that reach dispatch (a recomputed one included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops._c10d_functional.all_reduce.default
+        return func(*args, **(kwargs or {}))
+
+
+def _counts_all_reduce_not_recomputed(rank, world):
+    cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0", "model.vocab_size=512",
+                               "model.moe.aux_loss_scope=global"])  # fmt: skip
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    init_weights(ref)
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(rank))
+    results = {}
+    for mode in ("none", "selective", "full"):
+        cfg.parallel.activation_checkpointing = mode
+        model = parallelize(copy.deepcopy(ref), cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+        with _CountAllReduces() as counter:
+            ce, router_loss, aux_loss = model(tokens[:, :-1], tokens[:, 1:])
+            (ce + aux_loss + router_loss).backward()
+        grads = [p.grad.full_tensor() for p in model.parameters()]
+        results[mode] = (counter.count, aux_loss.detach(), grads)
+    count, aux, grads = results["none"]
+    assert count == len(ref.layers)  # one per MoE layer per micro-batch
+    for mode in ("selective", "full"):
+        assert results[mode][0] == count, (mode, results[mode][0])
+        torch.testing.assert_close(results[mode][1], aux)
+        for got, want in zip(results[mode][2], grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_counts_all_reduce_is_not_recomputed_by_activation_checkpointing():
+    run_distributed(_counts_all_reduce_not_recomputed)
+
+
 def _fsdp_units_and_expert_placement(rank, world, num_experts, on_expert_dim):
     cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0",
                                f"model.moe.num_experts={num_experts}", "model.moe.top_k=1",
@@ -94,14 +137,16 @@ def test_experts_shard_on_a_non_expert_dim_when_fewer_than_ranks(num_experts, on
 
 
 def _poisoned_run(rank, world, overrides, mode):
-    real, calls = train_mod.token_ce_sum, [0]
+    real, calls = model_mod.linear_cross_entropy, [0]
 
-    def poisoned(logits, labels):
+    def poisoned(h, weight, labels, chunk_tokens, reduction="sum"):
+        value = real(h, weight, labels, chunk_tokens, reduction)
+        if reduction == "none":  # evaluation
+            return value
         calls[0] += 1
-        value = real(logits, labels)
         return value * math.nan if rank == 0 and calls[0] == 3 else value  # step 3, one rank only
 
-    train_mod.token_ce_sum = poisoned
+    model_mod.linear_cross_entropy = poisoned
     cfg = load_config(CONFIG, overrides + [f"on_nonfinite={mode}"])
     if mode == "stop":
         with pytest.raises(train_mod.NonFiniteLossError, match=r"^step 3: loss nan .* stopped without updating"):
