@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from ioe_train.config import ConfigError
+from ioe_train.config import ConfigError, load_config
+from ioe_train.devices import BY_KEY
 from ioe_train.launch import LaunchOptions, launch
 
 
@@ -33,6 +36,27 @@ def launch_cmd(config, overrides, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(code)
+
+
+@main.command("plan")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True, help="Ranks per node.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes.")
+@click.option("--device", default="mi250x", show_default=True,
+              help=f"What one rank drives: {', '.join(BY_KEY)}, or cpu (with --device-gib).")
+@click.option("--device-gib", type=float, default=None, help="Memory per rank [default: the device's].")
+@click.option("--mfu", type=float, default=0.4, show_default=True, help="MFU the step time assumes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (stable keys).")
+def plan_cmd(config, overrides, nproc_per_node, nnodes, device, device_gib, mfu, as_json) -> None:
+    """Parameters, FLOPs per token and per-rank memory of CONFIG with a.b=value OVERRIDES."""
+    from ioe_train.plan import format_plan, plan
+
+    try:
+        result = plan(load_config(config, list(overrides)), nproc_per_node, nnodes, device, device_gib, mfu)
+    except (ConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(asdict(result), indent=2) if as_json else format_plan(result))
 
 
 @main.command("train", context_settings={"ignore_unknown_options": True})

@@ -14,38 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-# Dense bf16 peak FLOP/s of one device, by a substring of its name (first match wins).
-PEAK_BF16_FLOPS = {
-    "MI250X": 191.5e12,  # per GCD: each of an MI250X's 2 dies is its own device
-    "MI250": 181.0e12,
-    "MI300X": 1307e12,
-    "MI300A": 980.6e12,
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card's 756 is listed under its own name below
-    "H100 PCIe": 756e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "RTX 4090": 165e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of the device, or None where unknown (CPU): MFU is then not logged."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)  # ROCm too: "AMD Instinct MI250X/MI250"
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
-
-
-def flops_per_token(active_params: int, num_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per active weight (forward + backward) + causal attention's
-    12 * L * D * S (QK^T and AV, forward and backward; PaLM appendix B)."""
-    return 6.0 * active_params + 12.0 * num_layers * dim * seq_len
-
 
 def memory_gib(device: torch.device) -> float:
     """Peak device memory (GPU) or peak resident set size of this process (CPU), GiB."""

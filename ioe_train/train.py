@@ -25,17 +25,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader
+from ioe_train.devices import peak_flops
 from ioe_train.loss import microbatch_loss, per_source_sums, total_loss
-from ioe_train.metrics import (
-    MetricsLogger,
-    flops_per_token,
-    format_line,
-    memory_gib,
-    peak_flops,
-)
+from ioe_train.metrics import MetricsLogger, format_line, memory_gib
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ioe_train.parallelize import copy_full_weights, parallelize
+from ioe_train.plan import flops_per_token
 
 
 class NonFiniteLossError(RuntimeError):
@@ -180,8 +176,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step)
     if rank == 0:
         (out / "config.yaml").write_text(cfg.to_yaml())
-    arch = model.arch
-    fpt = flops_per_token(active_params, arch.num_layers, arch.dim, cfg.data.seq_len)
+    fpt = flops_per_token(model, cfg.data.seq_len)
     peak = peak_flops(device)
     log.line(f"{cfg.model.name}: {total_params / 1e6:.1f}M parameters, {active_params / 1e6:.1f}M active "
              f"per token; {world_size} ranks on {device.type}; "

@@ -50,6 +50,11 @@ class Router(nn.Module, ABC):
         """Factor on the experts' init std, so that what a token uses starts at a dense MLP's scale."""
         return 1.0
 
+    @classmethod
+    def extra_flops_per_token(cls, cfg: MoEConfig, dim: int, hidden_dim: int) -> float:
+        """Training FLOPs (forward + backward) per token beyond 6 x the active parameters."""
+        return 0.0
+
     @abstractmethod
     def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
         """x: [B, S, D]. reduce_counts sums per-expert counts over data-parallel ranks, or is None."""
@@ -154,6 +159,13 @@ class IoERouter(Router):
     @classmethod
     def expert_init_scale(cls, cfg: MoEConfig) -> float:
         return cfg.num_experts**0.5  # see the class docstring
+
+    @classmethod
+    def extra_flops_per_token(cls, cfg: MoEConfig, dim: int, hidden_dim: int) -> float:
+        # A segment's merge: 2 * E * 3DH forward; backward sums the merged experts' gradients onto
+        # the E experts and the merge weights (2 * E * 3DH each). Re-merging in backward is
+        # recomputation (like activation checkpointing) and is not counted.
+        return 3 * 2 * cfg.num_experts * 3 * dim * hidden_dim / cfg.ioe_segment_len
 
     def init_params(self, std: float) -> None:
         nn.init.zeros_(self.prior)

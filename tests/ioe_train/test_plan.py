@@ -1,0 +1,115 @@
+"""`ioe-train plan`: FLOP accounting, the activation model against autograd's saved tensors, the
+device table, and the command's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ioe_train.cli import main
+from ioe_train.config import load_config
+from ioe_train.devices import match_device
+from ioe_train.model import Arch, Decoder, build_model, init_weights
+from ioe_train.moe import MoEConfig
+from ioe_train.plan import activation_bytes_per_token, model_budget, plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REAL = Path(__file__).resolve().parents[2] / "configs" / "qwen2_5_0_5b_moe_pile_pretrain_fsdp.yaml"
+
+
+def test_flops_per_token_counts_causal_attention_and_ioe_merges():
+    cfg = load_config(REAL)
+    with torch.device("meta"):
+        dense = build_model(load_config(REAL, ["model.name=qwen2_5_dense"]).model)
+        topk = build_model(cfg.model)
+        ioe = build_model(load_config(REAL, ["model.moe.router=ioe"]).model)
+    attention = 6 * 24 * 896 * 2048  # half of PaLM's 12 * L * D * S: the causal kernel's work
+    assert model_budget(dense, 2048).flops_per_token == 6 * 494_032_768 + attention
+    budget = model_budget(topk, 2048)
+    assert budget.flops_per_token == 6 * budget.params_active + attention
+    assert budget.params_embedding == 151_936 * 896 and budget.attention_flops_per_token == attention
+    merges = 24 * 18 * 8 * 896 * 4864 / 64  # per layer: 3 x 2 x E x 3DH per segment of 64 tokens
+    ioe_budget = model_budget(ioe, 2048)
+    assert ioe_budget.flops_per_token == pytest.approx(6 * ioe_budget.params_active + attention + merges)
+
+
+def saved_bytes_per_token(router: str | None, dtype: torch.dtype, **moe) -> tuple[float, Arch, MoEConfig | None]:
+    """Bytes of the tensors autograd saves in one block's forward (parameters excluded), per token."""
+    arch = Arch(vocab_size=97, num_layers=1, dim=64, num_heads=4, num_kv_heads=2, hidden_dim=192, max_seq_len=64)
+    cfg = None if router is None else MoEConfig(router=router, num_experts=4, expert_hidden_dim=96, **moe)
+    torch.manual_seed(0)
+    model = Decoder(arch, cfg)
+    init_weights(model)
+    model.to(dtype)
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = model.tok_embeddings(torch.randint(0, 97, (2, 64))).detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x)
+    return sum(storages.values()) / x.shape[:2].numel(), arch, cfg
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # bf16 RMSNorm on CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("router", "moe"), [(None, {}), ("topk", {"top_k": 2}), ("topk", {"top_k": 1}),
+                                             ("topk", {"shared_expert_hidden_dim": 32}),
+                                             ("ioe", {"ioe_segment_len": 16})])  # fmt: skip
+def test_activation_model_matches_autograd_saved_tensors(router, moe, dtype):
+    measured, arch, cfg = saved_bytes_per_token(router, dtype, **moe)
+    a = torch.finfo(dtype).bits // 8
+    assert activation_bytes_per_token(arch, cfg, a, "none") == pytest.approx(measured, rel=0.03)
+
+
+def test_device_table_tells_rocm_and_nvidia_names_apart():
+    # ROCm names MI250X and MI250 alike: the compute units per GCD tell them apart.
+    assert match_device("AMD Instinct MI250X/MI250", 110).key == "mi250x"
+    assert match_device("AMD Instinct MI250X/MI250", 104).key == "mi250"
+    assert match_device("NVIDIA H100 80GB HBM3", 132).key == "h100"
+    assert match_device("NVIDIA H100 NVL", 132).key == "h100-nvl"
+    assert match_device("NVIDIA H100 PCIe", 114).key == "h100-pcie"
+    assert match_device("NVIDIA H200", 132).key == "h200"
+    assert match_device("AMD Instinct MI250X/MI250", 96) is None  # an unknown variant: no MFU, not a guess
+
+
+def test_plan_fits_the_largest_micro_batch_and_no_more():
+    cfg = load_config(REAL, ["parallel.activation_checkpointing=none"])
+    p = plan(cfg, nproc_per_node=16, device="mi250x")
+    assert p.world_size == 16 and p.tokens_per_step == 16 * 2 * 4 * 2048 and p.param_dtype == "bf16"
+    assert p.max_micro_batch_size >= 1
+    at_max = plan(load_config(REAL, ["parallel.activation_checkpointing=none",
+                                     f"micro_batch_size={p.max_micro_batch_size}"]), 16)  # fmt: skip
+    over = plan(load_config(REAL, ["parallel.activation_checkpointing=none",
+                                   f"micro_batch_size={p.max_micro_batch_size + 1}"]), 16)  # fmt: skip
+    assert at_max.fits and not over.fits
+    more_ranks = plan(cfg, nproc_per_node=16, nnodes=2)
+    assert more_ranks.memory_gib["optimizer states (AdamW, fp32)"] == pytest.approx(
+        p.memory_gib["optimizer states (AdamW, fp32)"] / 2)
+    selective = plan(load_config(REAL), 16)
+    assert selective.memory_gib["activations"] < p.memory_gib["activations"] / 5
+
+
+def test_plan_command_prints_the_table_and_stable_json():
+    runner = CliRunner()
+    text = runner.invoke(main, ["plan", str(REAL), "model.moe.router=ioe", "--nproc-per-node", "16"])
+    assert text.exit_code == 0, text.output
+    assert "IoE merged experts" in text.output and "largest micro-batch that fits" in text.output
+    out = runner.invoke(main, ["plan", str(REAL), "--nproc-per-node", "16", "--json"])
+    data = json.loads(out.output)
+    for key in ("params_total", "params_active", "params_embedding", "flops_per_token", "tokens_per_step",
+                "peak_gib_per_rank", "max_micro_batch_size", "memory_gib", "step_time_s"):
+        assert key in data
+    assert (data["params_total"], data["params_active"]) == (1_435_563_904, 494_204_800)
+    bad = runner.invoke(main, ["plan", str(REAL), "--device", "tpu"])
+    assert bad.exit_code == 1 and "--device: 'tpu' is not one of" in bad.output
+    cpu = runner.invoke(main, ["plan", str(REAL), "--device", "cpu"])
+    assert cpu.exit_code == 1 and "--device cpu needs --device-gib" in cpu.output
