@@ -99,6 +99,15 @@ def mixture_index(ds: ShardDataset, cfg: DataConfig, cache_dir: Path) -> np.ndar
     return np.load(path, mmap_mode="r")
 
 
+def prepare_mixture(cfg: DataConfig, cache_dir: Path) -> None:
+    """Build the mixture index into `cache_dir` (if `cfg` has one), for the loaders to load.
+
+    The trainer calls this on local rank 0 only, then a barrier: one build per node, not per rank.
+    """
+    if cfg.source == "memmap" and cfg.mixture:
+        mixture_index(ShardDataset(cfg.train_dirs), cfg, cache_dir)
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
@@ -123,8 +132,10 @@ class _TrainBatches(Dataset):
 class MemmapLoader:
     """Endless micro-batches of one rank, resumable from `state_dict()["consumed"]`."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, cache_dir: Path):
+    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, cache_dir: Path,
+                 pin_memory: bool = False):  # fmt: skip
         self.cfg = cfg
+        self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies overlap compute
         self.ds = ShardDataset(cfg.train_dirs)
         self.batch_size, self.world_size = batch_size, world_size
         mixture = mixture_index(self.ds, cfg, cache_dir) if cfg.mixture else None
@@ -165,7 +176,7 @@ class MemmapLoader:
         step = self.batch_size * self.world_size
         starts = itertools.count(self.consumed, step)
         w = self.cfg.num_workers
-        loader = DataLoader(self.batches, batch_size=None, sampler=starts, num_workers=w,
+        loader = DataLoader(self.batches, batch_size=None, sampler=starts, num_workers=w, pin_memory=self.pin_memory,
                             persistent_workers=False, prefetch_factor=4 if w else None)  # fmt: skip
         for batch in loader:
             self.consumed += step
@@ -178,12 +189,12 @@ class StreamingLoader:
     Full batches only (every label counts, as in memmap batches); passes repeat with the next epoch.
     """
 
-    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
+    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, pin_memory: bool = False):
         from pile_prep.streaming import StreamingConfig, make_streaming_loader  # needs `datasets`
 
         scfg = StreamingConfig(**asdict(cfg.streaming), seed=cfg.seed)
         self._loader = make_streaming_loader(scfg, cfg.seq_len, batch_size, rank, world_size,
-                                             cfg.num_workers, drop_last=True)  # fmt: skip
+                                             cfg.num_workers, drop_last=True, pin_memory=pin_memory)  # fmt: skip
         self.epoch = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,11 +213,12 @@ class StreamingLoader:
             self._loader.dataset.set_epoch(self.epoch)
 
 
-def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                       cache_dir: Path) -> MemmapLoader | StreamingLoader:  # fmt: skip
+def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int, cache_dir: Path,
+                       pin_memory: bool = False) -> MemmapLoader | StreamingLoader:  # fmt: skip
+    """This rank's training loader; `pin_memory` where batches go to a GPU."""
     if cfg.source == "streaming":
-        return StreamingLoader(cfg, batch_size, rank, world_size)
-    return MemmapLoader(cfg, batch_size, rank, world_size, cache_dir)
+        return StreamingLoader(cfg, batch_size, rank, world_size, pin_memory)
+    return MemmapLoader(cfg, batch_size, rank, world_size, cache_dir, pin_memory)
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
-from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader
+from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader, prepare_mixture
 from ioe_train.devices import peak_flops
 from ioe_train.loss import microbatch_loss, per_source_sums, total_loss
 from ioe_train.metrics import MetricsLogger, format_line, memory_gib
@@ -146,7 +146,11 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
-    loader = build_train_loader(cfg.data, cfg.micro_batch_size, rank, world_size, out / "data_index")
+    if local_rank == 0:  # the mixture index: built once per node, loaded by every rank
+        prepare_mixture(cfg.data, out / "data_index")
+    dist.barrier()
+    loader = build_train_loader(cfg.data, cfg.micro_batch_size, rank, world_size, out / "data_index",
+                                pin_memory=device.type == "cuda")  # fmt: skip
     with torch.device("meta"):
         model = build_model(cfg.model)
     data_vocab = getattr(getattr(loader, "ds", None), "vocab_size", 0)

@@ -180,3 +180,11 @@ def test_streaming_source_gives_the_same_batch_format_and_resumes(shards, tmp_pa
     resumed = StreamingLoader(cfg, 3, 0, 2)
     resumed.load_state_dict(part.state_dict())
     assert torch.equal(take(resumed, 1)[0]["input_ids"], batches[2]["input_ids"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device")
+def test_batches_for_a_gpu_are_pinned(shards, tmp_path):
+    cfg = DataConfig(train_dirs=[str(shards[0])], seq_len=S)
+    batch = next(iter(MemmapLoader(cfg, 4, 0, 1, tmp_path / "cache", pin_memory=True)))
+    assert batch["input_ids"].is_pinned() and batch["labels"].is_pinned()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,26 @@ def _sharded_init_equals_one_process(rank, world):
     experts = [m for m in model.modules() if isinstance(m, Experts)][0]
     w = next(experts.parameters()).full_tensor()
     assert not torch.equal(w[0], w[w.shape[0] // 2])
+
+
+def _mixture_built_by_local_rank_zero(rank, world, train_dir, out):
+    import ioe_train.data as data_mod
+
+    real, calls = data_mod.mixture_copies, []
+
+    def counted(*args, **kwargs):
+        calls.append(rank)
+        time.sleep(0.5)  # a slow build: a rank that does not wait for it would build its own
+        return real(*args, **kwargs)
+
+    data_mod.mixture_copies = counted
+    cfg = load_config(CONFIG, small(train_dir, out, "steps=1", "data.mixture={ArXiv: 2.0}"))
+    train_mod.train(cfg, rank, world, local_rank=rank)
+    assert calls == ([0] if rank == 0 else []), calls
+
+
+def test_mixture_index_is_built_once_per_node(shards, tmp_path):
+    run_distributed(_mixture_built_by_local_rank_zero, str(shards[0]), str(tmp_path / "run"))
 
 
 def test_sharded_cpu_init_equals_one_process_init():
