@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ioe_train.config import DataConfig, load_config
@@ -234,8 +235,6 @@ def _moe(sd: dict[str, Tensor], src: str, dst: str, dim: int, moe: MoEConfig) ->
 
 def _write_safetensors(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
     """model.safetensors, or shards in key order (a tensor never split) plus the index json."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

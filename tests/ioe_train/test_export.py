@@ -71,11 +71,12 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path, name):
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
                                                              "model-00002-of-00002.safetensors"]  # fmt: skip
-    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # nothing left at random init
     assert type(hf).__name__ == ("Qwen2ForCausalLM" if name == "dense" else "Qwen2MoeForCausalLM")
     tokens = torch.randint(0, 151_000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        theirs = hf(tokens).logits
+        theirs = hf.eval()(tokens).logits
     torch.testing.assert_close(theirs, _logits_ours(runs / name, tokens), rtol=0, atol=1e-5)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 151_643
     assert "huggingface-cli download Qwen/Qwen2.5-0.5B" in (out / "README.md").read_text()  # bundled tokenizer
