@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ioe_train.config import DataConfig, load_config
+from ioe_train.config import DataConfig, TrainConfig, load_config
 from ioe_train.model import PRESETS, Arch, ModelConfig, build_model
 from ioe_train.moe import MoE, MoEConfig
 from pile_prep.tokenizer import DEFAULT_TOKENIZER, NUM_BASE_TOKENS
@@ -50,8 +50,8 @@ def read_weights(run_dir: Path, step: int | None = None) -> tuple[ModelConfig, d
     if step is None:
         path = run_dir / "final" / "model.pt"
         if not path.is_file():
-            raise ExportError(f"{path}: not found (the run has not finished, or checkpoint.export_final "
-                              f"was false); export a checkpoint instead with --step N{_steps_hint(run_dir)}")  # fmt: skip
+            raise ExportError(f"{path}: not found (the run has not finished, or checkpoint.export_final was "
+                              f"false); export a checkpoint with --step N{_steps_hint(run_dir)}")  # fmt: skip
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
@@ -67,7 +67,13 @@ def read_weights(run_dir: Path, step: int | None = None) -> tuple[ModelConfig, d
     sd = {k: torch.empty_like(v, device="cpu") for k, v in shapes.items()}
     with warnings.catch_warnings():  # a process group is not needed to read the files back
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+        try:
+            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+        except (dcp.CheckpointException, ValueError, RuntimeError, OSError) as e:
+            # a shape/key mismatch arrives as a CheckpointException (a BaseException) holding the
+            # rank's traceback, whose last line is the reason
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{path}: cannot read the model of {run_dir / 'config.yaml'} from it: {why}") from None
     return cfg, sd, step
 
 
@@ -119,7 +125,7 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
     return output
 
 
-def _run_config(run_dir: Path):
+def _run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{path}: not found; RUN_DIR is a training run's output_dir")
@@ -253,7 +259,8 @@ def _write_safetensors(directory: Path, tensors: dict[str, Tensor], max_shard_by
         save_file(shard, directory / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(directory / "model.safetensors.index.json", index)
 
 
 def _data_tokenizer(data: DataConfig) -> tuple[str | None, int]:

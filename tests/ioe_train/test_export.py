@@ -123,7 +123,8 @@ def test_tokenizer_files_named_by_the_data_are_copied(runs, tmp_path):
     (data / "manifest.json").write_text(json.dumps({"tokenizer": {"name": f"hf:{tok}", "eos_id": 151_645}}))
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(load_config(runs / "dense" / "config.yaml", [f"data.train_dirs=[{data}]"]).to_yaml())
+    cfg = load_config(runs / "dense" / "config.yaml", [f"data.train_dirs=[{data}]"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
     (run / "final").symlink_to(runs / "dense" / "final")
 
     out = export_hf(run, tmp_path / "hf")
@@ -131,3 +132,15 @@ def test_tokenizer_files_named_by_the_data_are_copied(runs, tmp_path):
         assert (out / f).read_text() == f"{f} contents"
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 151_645
     assert "huggingface-cli" not in (out / "README.md").read_text()
+
+
+def test_checkpoint_that_does_not_match_the_config_is_one_line(runs, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(runs / "topk" / "checkpoints")
+    cfg = load_config(runs / "topk" / "config.yaml", ["model.moe.num_experts=4"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    result = CliRunner().invoke(main, ["export", str(run), "--step", str(STEPS), "--output", str(tmp_path / "hf")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Size mismatch" in lines[0] and "step_000002: cannot read the model" in lines[0]
