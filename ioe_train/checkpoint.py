@@ -116,7 +116,8 @@ class Checkpointer:
 def export_model(model: nn.Module, path: Path, rank: int, extra: dict[str, Any]) -> None:
     """Consolidated fp32 weights at `path` for `torch.load` (collective; rank 0 writes).
 
-    The file holds {"model": state_dict (plain tensors, on CPU), **extra}.
+    The file holds {"model": state_dict (plain tensors, on CPU), **extra}; `extra` must hold plain
+    types only, so that `torch.load(path)` (weights_only=True since torch 2.6) opens it.
     """
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:

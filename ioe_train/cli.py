@@ -67,3 +67,22 @@ def train_cmd(config, overrides) -> None:
     from ioe_train.train import main as train_main
 
     train_main([str(config), *overrides])
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="New directory to write.")
+@click.option("--step", type=click.IntRange(min=1), default=None,
+              help="Export checkpoints/step_N instead of final/model.pt.")
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: a Hugging Face transformers model directory.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+def export_cmd(run_dir, output, step, fmt, dtype) -> None:
+    """Export the trained model of RUN_DIR (a run's output_dir) for transformers / vLLM / lm-eval."""
+    from ioe_train.export import ExportError, export_hf
+
+    try:
+        path = export_hf(run_dir, output, step=step, dtype=dtype)
+    except (ExportError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}")

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
 
     if cfg.checkpoint.export_final:
         final = out / "final" / "model.pt"
-        export_model(model, final, rank, {"model_config": cfg.model, "step": step})
+        export_model(model, final, rank, {"model_config": asdict(cfg.model), "step": step})  # plain: weights_only loads
         log.line(f"exported consolidated weights to {final}")
     log.close()
     return metrics

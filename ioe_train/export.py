@@ -1,0 +1,312 @@
+"""A trained run as a Hugging Face checkpoint: `ioe-train export RUN_DIR --format hf --output DIR`.
+
+L layers, D model dim, V vocabulary, E experts, H expert hidden dim, S shared-expert hidden dim.
+
+Dense runs become `Qwen2ForCausalLM`, top-k MoE runs `Qwen2MoeForCausalLM` (the per-expert
+tensor names Qwen's own MoE releases use, which transformers, vLLM and lm-eval-harness read).
+The logits equal this project's model's (tests/ioe_train/test_export.py). Routers without a
+transformers equivalent (IoE, a user's own) are refused: their weights stay in final/model.pt.
+The layout is documented in docs/TRAINING.md#hugging-face-export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ioe_train.config import DataConfig, TrainConfig, load_config
+from ioe_train.model import PRESETS, Arch, ModelConfig, build_model
+from ioe_train.moe import MoE, MoEConfig
+from pile_prep.tokenizer import DEFAULT_TOKENIZER, NUM_BASE_TOKENS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# transformers' own default shard size: one file up to 5 GB (Qwen2.5-0.5B in fp32 is 2 GB).
+MAX_SHARD_BYTES = 5 * 10**9
+# The Qwen2.5 tokenizer files a Hugging Face model directory carries, where present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")  # fmt: skip
+# Qwen2MoE always builds a shared expert: a run without one gets a width-1 all-zero expert
+# (contributes exactly 0; width 0 would be an empty tensor some loaders reject).
+_NO_SHARED_WIDTH = 1
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported; the message names the file or key."""
+
+
+def read_weights(run_dir: Path, step: int | None = None) -> tuple[ModelConfig, dict[str, Tensor], int]:
+    """(model config, fp32 state_dict on CPU, step) of `run_dir`: final/model.pt, or with `step`
+    the DCP checkpoint checkpoints/step_NNNNNN consolidated in this process (no process group)."""
+    if step is None:
+        path = run_dir / "final" / "model.pt"
+        if not path.is_file():
+            raise ExportError(f"{path}: not found (the run has not finished, or checkpoint.export_final was "
+                              f"false); export a checkpoint with --step N{_steps_hint(run_dir)}")  # fmt: skip
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ExportError(f"{path}: written by an older ioe-train that pickled ModelConfig; export a "
+                              f"checkpoint instead with --step N{_steps_hint(run_dir)}") from None  # fmt: skip
+        return model_config_from_dict(saved["model_config"]), saved["model"], saved["step"]
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such checkpoint{_steps_hint(run_dir)}")
+    cfg = _run_config(run_dir).model
+    with torch.device("meta"):
+        shapes = build_model(cfg).state_dict()
+    sd = {k: torch.empty_like(v, device="cpu") for k, v in shapes.items()}
+    with warnings.catch_warnings():  # a process group is not needed to read the files back
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+        except (dcp.CheckpointException, ValueError, RuntimeError, OSError) as e:
+            # a shape/key mismatch arrives as a CheckpointException (a BaseException) holding the
+            # rank's traceback, whose last line is the reason
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{path}: cannot read the model of {run_dir / 'config.yaml'} from it: {why}") from None
+    return cfg, sd, step
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Inverse of `dataclasses.asdict(ModelConfig)` (what final/model.pt stores)."""
+    return ModelConfig(**{**d, "moe": MoEConfig(**d["moe"])})
+
+
+def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str = "float32",
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:  # fmt: skip
+    """Write `run_dir`'s final weights (or checkpoint `step`) to the new directory `output`:
+    config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index past
+    `max_shard_bytes`), generation_config.json, the tokenizer files or a README.md on adding them.
+
+    Written to a temporary sibling and renamed: `output` is complete or absent. Returns `output`.
+    """
+    run_dir, output = Path(run_dir), Path(output)
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ExportError(f"{output}: exists and is not empty; choose a new --output")
+    run = _run_config(run_dir)
+    _check_exportable(run.model, run_dir)  # before reading gigabytes
+    model_cfg, sd, step = read_weights(run_dir, step)
+    _check_exportable(model_cfg, run_dir)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    moe = next((m.cfg for m in model.modules() if isinstance(m, MoE)), None)  # expert_hidden_dim resolved
+    spec, eos_id = _data_tokenizer(run.data)
+    config = hf_config(model.arch, moe, eos_id, dtype, run.load_balancing_loss_weight)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state_dict(sd, model.arch, moe).items()}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
+        _write_safetensors(tmp, tensors, max_shard_bytes)
+        copied = _copy_tokenizer(spec, tmp)
+        (tmp / "README.md").write_text(_readme(run_dir, step, config, spec, copied))
+        if output.is_dir():
+            output.rmdir()  # empty (checked above)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ExportError(f"{path}: not found; RUN_DIR is a training run's output_dir")
+    return load_config(path)
+
+
+def _steps_hint(run_dir: Path) -> str:
+    steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+    return f" (checkpoints: {', '.join(map(str, steps))})" if steps else " (no checkpoints found)"
+
+
+def _check_exportable(cfg: ModelConfig, run_dir: Path) -> None:
+    if PRESETS[cfg.name][1] and cfg.moe.router != "topk":
+        raise ExportError(
+            f"model.moe.router: {cfg.moe.router!r} has no transformers equivalent (only 'topk' "
+            f"exports, as Qwen2MoE); use the raw weights in {run_dir / 'final' / 'model.pt'} "
+            "(torch.load(path)['model'] into ioe_train.model.build_model)"
+        )
+
+
+def hf_config(arch: Arch, moe: MoEConfig | None, eos_id: int, dtype: str, aux_loss_coef: float) -> dict[str, Any]:
+    """config.json of Qwen2ForCausalLM (moe None) or Qwen2MoeForCausalLM (every layer sparse)."""
+    config: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM" if moe is None else "Qwen2MoeForCausalLM"],
+        "model_type": "qwen2" if moe is None else "qwen2_moe",
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.dim,
+        "intermediate_size": arch.hidden_dim,  # MoE: unused (no dense layer) but required
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": arch.max_seq_len,
+        "rope_theta": arch.rope_base,
+        "rms_norm_eps": arch.norm_eps,
+        "tie_word_embeddings": True,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "max_window_layers": arch.num_layers,
+        "use_cache": True,
+        "initializer_range": 0.02,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }
+    if moe is not None:
+        config.update({
+            "qkv_bias": True,
+            "num_experts": moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": moe.expert_hidden_dim,
+            "shared_expert_intermediate_size": moe.shared_expert_hidden_dim or _NO_SHARED_WIDTH,
+            # TopKRouter renormalises only for K > 1 (K = 1 keeps the raw top probability)
+            "norm_topk_prob": moe.renormalize and moe.top_k > 1,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "output_router_logits": False,
+            # the trainer's load_balancing_loss_weight; the z-loss has no Qwen2MoE field
+            "router_aux_loss_coef": aux_loss_coef,
+        })  # fmt: skip
+    return config
+
+
+def hf_state_dict(sd: dict[str, Tensor], arch: Arch, moe: MoEConfig | None) -> dict[str, Tensor]:
+    """This project's state_dict under transformers' Qwen2 / Qwen2MoE names (fp32, views where
+    possible). Raises if a tensor of `sd` has no place in the export (a new module's weights)."""
+    sd = dict(sd)
+    out = {"model.embed_tokens.weight": sd.pop("tok_embeddings.weight"), "model.norm.weight": sd.pop("norm.scale")}
+    for i in range(arch.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in (("q_proj.weight", "q_proj.weight"), ("q_proj.bias", "q_proj.bias"),
+                             ("k_proj.weight", "k_proj.weight"), ("k_proj.bias", "k_proj.bias"),
+                             ("v_proj.weight", "v_proj.weight"), ("v_proj.bias", "v_proj.bias"),
+                             ("output_proj.weight", "o_proj.weight")):  # fmt: skip
+            out[f"{dst}self_attn.{theirs}"] = sd.pop(f"{src}attn.{ours}")
+        out[f"{dst}input_layernorm.weight"] = sd.pop(f"{src}sa_norm.scale")
+        out[f"{dst}post_attention_layernorm.weight"] = sd.pop(f"{src}mlp_norm.scale")
+        if moe is None:
+            out.update(_swiglu(sd, f"{src}mlp.", f"{dst}mlp."))
+        else:
+            out.update(_moe(sd, f"{src}mlp.", f"{dst}mlp.", arch.dim, moe))
+    if sd:
+        raise ExportError(f"no Hugging Face name for {sorted(sd)}: extend ioe_train/export.py::hf_state_dict")
+    return out
+
+
+def _swiglu(sd: dict[str, Tensor], src: str, dst: str, down_scale: float = 1.0) -> dict[str, Tensor]:
+    """torchtune FeedForward w1/w3/w2 -> gate_proj/up_proj/down_proj (all [out, in] already)."""
+    return {f"{dst}gate_proj.weight": sd.pop(f"{src}w1.weight"), f"{dst}up_proj.weight": sd.pop(f"{src}w3.weight"),
+            f"{dst}down_proj.weight": sd.pop(f"{src}w2.weight") * down_scale}  # fmt: skip
+
+
+def _moe(sd: dict[str, Tensor], src: str, dst: str, dim: int, moe: MoEConfig) -> dict[str, Tensor]:
+    out = {f"{dst}gate.weight": sd.pop(f"{src}router.gate.weight")}  # [E, D]
+    w_gate_up = sd.pop(f"{src}experts.w_gate_up")  # [E, D, 2H] = [gate | up] on the last dim
+    w_down = sd.pop(f"{src}experts.w_down")  # [E, H, D]
+    h = w_down.shape[1]
+    for e in range(moe.num_experts):
+        out[f"{dst}experts.{e}.gate_proj.weight"] = w_gate_up[e, :, :h].T  # [H, D]
+        out[f"{dst}experts.{e}.up_proj.weight"] = w_gate_up[e, :, h:].T  # [H, D]
+        out[f"{dst}experts.{e}.down_proj.weight"] = w_down[e].T  # [D, H]
+    # Qwen2MoE adds sigmoid(x W_g) * shared(x); ours adds shared(x). W_g = 0 gives sigmoid = 1/2,
+    # so the exported down_proj is doubled: 1/2 * (2 W) x is exact (powers of two, any dtype).
+    out[f"{dst}shared_expert_gate.weight"] = torch.zeros(1, dim)
+    if moe.shared_expert_hidden_dim:
+        out.update(_swiglu(sd, f"{src}shared_expert.", f"{dst}shared_expert.", down_scale=2.0))
+    else:
+        for name, shape in (("gate_proj", (_NO_SHARED_WIDTH, dim)), ("up_proj", (_NO_SHARED_WIDTH, dim)),
+                            ("down_proj", (dim, _NO_SHARED_WIDTH))):  # fmt: skip
+            out[f"{dst}shared_expert.{name}.weight"] = torch.zeros(shape)
+    return out
+
+
+def _write_safetensors(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
+    """model.safetensors, or shards in key order (a tensor never split) plus the index json."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(directory / "model.safetensors.index.json", index)
+
+
+def _data_tokenizer(data: DataConfig) -> tuple[str | None, int]:
+    """(tokenizer spec the run's data names, or None if unknown; its EOS id)."""
+    if data.source == "streaming":
+        spec = data.streaming.tokenizer
+        if spec == DEFAULT_TOKENIZER or not Path(spec).exists():
+            return spec, NUM_BASE_TOKENS
+        from pile_prep.tokenizer import load_tokenizer
+
+        return spec, load_tokenizer(spec).eos_id
+    try:
+        tok = json.loads((Path(data.train_dirs[0]) / "manifest.json").read_text())["tokenizer"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None, NUM_BASE_TOKENS  # data moved: Qwen2.5's <|endoftext|>
+    name = tok["name"]
+    return (name[3:] if name.startswith("hf:") else name), tok["eos_id"]
+
+
+def _copy_tokenizer(spec: str | None, directory: Path) -> list[str]:
+    """Copy the tokenizer files next to the tokenizer `spec` names; [] if it names none on disk."""
+    if spec is None or spec == DEFAULT_TOKENIZER or not Path(spec).exists():
+        return []
+    src = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+    copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    for f in copied:
+        shutil.copyfile(src / f, directory / f)
+    return copied
+
+
+def _readme(run_dir: Path, step: int, config: dict[str, Any], spec: str | None, copied: list[str]) -> str:
+    lines = [f"# {config['architectures'][0]} exported by `ioe-train export`", "",
+             f"Run: `{run_dir}`, step {step}, weights in {config['torch_dtype']}.", ""]  # fmt: skip
+    if copied:
+        lines += [f"Tokenizer files copied from `{spec}`: {', '.join(copied)}."]
+    else:
+        why = (f"the run's data was tokenized with the bundled `{spec}` vocabulary (no Hugging Face files)"
+               if spec == DEFAULT_TOKENIZER else f"the run's tokenizer `{spec}` was not found")  # fmt: skip
+        lines += [
+            f"No tokenizer files: {why}. The token ids are Qwen2.5's; add its tokenizer with",
+            "",
+            "    huggingface-cli download Qwen/Qwen2.5-0.5B tokenizer.json tokenizer_config.json \\",
+            "        vocab.json merges.txt --local-dir THIS_DIR",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

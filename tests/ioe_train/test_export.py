@@ -1,0 +1,146 @@
+"""Hugging Face export: real short training runs, loaded back with transformers, give our logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from ioe_train.cli import main
+from ioe_train.config import load_config
+from ioe_train.export import export_hf, model_config_from_dict, read_weights
+from ioe_train.model import build_model
+from ioe_train.train import train
+from tests.distributed import run_distributed
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+STEPS = 2
+# name -> overrides of configs/tiny_cpu.yaml (top-2 of 8 experts, renormalised)
+RUNS = {
+    "dense": ["model.name=tiny_dense"],
+    "topk": [],
+    # K = 1 keeps the raw top probability (norm_topk_prob must be false); shared expert on
+    "topk1_shared": ["model.moe.top_k=1", "model.moe.shared_expert_hidden_dim=32"],
+}
+
+
+def _train_runs(rank, world, train_dir, root):
+    for name, extra in RUNS.items():
+        cfg = load_config(CONFIG, [f"data.train_dirs=[{train_dir}]", "data.val_dirs=[]", "eval.interval=0",
+                                   "data.seq_len=16", "micro_batch_size=2", f"steps={STEPS}",
+                                   "checkpoint.interval=0", "logging.tensorboard=false",
+                                   "logging.expert_interval=0", f"output_dir={root}/{name}", *extra])  # fmt: skip
+        train(cfg, rank, world, 0)
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> Path:
+    """Output dirs of STEPS-step trainings (final/model.pt and checkpoints/step_000002) per RUNS."""
+    root = tmp_path_factory.mktemp("runs")
+    run_distributed(_train_runs, str(shards[0]), str(root), world_size=1)
+    return root
+
+
+def _logits_ours(run: Path, tokens: torch.Tensor) -> torch.Tensor:
+    cfg, sd, _ = read_weights(run)
+    model = build_model(cfg)
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        return model.eval()(tokens)[0]
+
+
+def test_final_model_pt_opens_with_default_torch_load(runs):
+    saved = torch.load(runs / "topk1_shared" / "final" / "model.pt")  # weights_only=True
+    assert set(saved) == {"model", "model_config", "step"}
+    assert saved["step"] == STEPS
+    assert model_config_from_dict(saved["model_config"]) == load_config(runs / "topk1_shared" / "config.yaml").model
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_loads_in_transformers_with_our_logits(runs, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    # the dense export is sharded: the 38.9 MB embedding alone passes 20 MB
+    export_hf(runs / name, out, max_shard_bytes=20 * 10**6 if name == "dense" else 10**9)
+    if name == "dense":
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                             "model-00002-of-00002.safetensors"]  # fmt: skip
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # nothing left at random init
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if name == "dense" else "Qwen2MoeForCausalLM")
+    tokens = torch.randint(0, 151_000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf.eval()(tokens).logits
+    torch.testing.assert_close(theirs, _logits_ours(runs / name, tokens), rtol=0, atol=1e-5)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 151_643
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B" in (out / "README.md").read_text()  # bundled tokenizer
+
+
+def test_export_of_a_checkpoint_equals_the_final_weights(runs, tmp_path):
+    run = runs / "topk"
+    _, final, _ = read_weights(run)
+    _, ckpt, step = read_weights(run, STEPS)  # DCP, consolidated without a process group
+    assert step == STEPS and final.keys() == ckpt.keys()
+    for key in final:
+        assert torch.equal(final[key], ckpt[key]), key
+    result = CliRunner().invoke(main, ["export", str(run), "--step", str(STEPS), "--output", str(tmp_path / "hf"),
+                                       "--dtype", "bfloat16"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    torch.testing.assert_close(tensors["model.layers.1.mlp.experts.3.down_proj.weight"],
+                               final["layers.1.mlp.experts.w_down"][3].T.bfloat16(), rtol=0, atol=0)  # fmt: skip
+
+    missing = CliRunner().invoke(main, ["export", str(run), "--step", "7", "--output", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and f"(checkpoints: {STEPS})" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_ioe_router_is_refused_pointing_at_the_raw_weights(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config(CONFIG, ["model.moe.router=ioe"]).to_yaml())
+    result = CliRunner().invoke(main, ["export", str(run), "--output", str(tmp_path / "hf")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "model.moe.router: 'ioe'" in lines[0] and str(run / "final" / "model.pt") in lines[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_tokenizer_files_named_by_the_data_are_copied(runs, tmp_path):
+    tok = tmp_path / "qwen_tok"
+    tok.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (tok / f).write_text(f"{f} contents")
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"name": f"hf:{tok}", "eos_id": 151_645}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(runs / "dense" / "config.yaml", [f"data.train_dirs=[{data}]"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "final").symlink_to(runs / "dense" / "final")
+
+    out = export_hf(run, tmp_path / "hf")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        assert (out / f).read_text() == f"{f} contents"
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 151_645
+    assert "huggingface-cli" not in (out / "README.md").read_text()
+
+
+def test_checkpoint_that_does_not_match_the_config_is_one_line(runs, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(runs / "topk" / "checkpoints")
+    cfg = load_config(runs / "topk" / "config.yaml", ["model.moe.num_experts=4"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    result = CliRunner().invoke(main, ["export", str(run), "--step", str(STEPS), "--output", str(tmp_path / "hf")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Size mismatch" in lines[0] and "step_000002: cannot read the model" in lines[0]
