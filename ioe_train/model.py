@@ -63,11 +63,12 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers; unused by *_dense presets
     vocab_size: int | None = None  # None = the preset's (151,936 for Qwen2.5)
     max_seq_len: int | None = None  # None = the preset's (32,768 for Qwen2.5)
+    num_layers: int | None = None  # None = the preset's (24 for Qwen2.5); fewer for smoke runs
 
     def __post_init__(self) -> None:
         if self.name not in PRESETS:
             raise ValueError(f"name must be one of {sorted(PRESETS)}, got {self.name!r}")
-        for key in ("vocab_size", "max_seq_len"):
+        for key in ("vocab_size", "max_seq_len", "num_layers"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1 or None, got {value}")
@@ -181,7 +182,8 @@ def tiny_dense(**overrides) -> Decoder:
 def build_model(cfg: ModelConfig) -> Decoder:
     """The model `cfg` names; safe under `torch.device("meta")` (then to_empty + init_weights)."""
     arch, is_moe = PRESETS[cfg.name]
-    overrides = {k: v for k, v in (("vocab_size", cfg.vocab_size), ("max_seq_len", cfg.max_seq_len)) if v is not None}
+    keys = ("vocab_size", "max_seq_len", "num_layers")
+    overrides = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
     return Decoder(replace(arch, **overrides), cfg.moe if is_moe else None)
 
 
