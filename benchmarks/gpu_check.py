@@ -255,7 +255,7 @@ def run_parity(plan: Plan, device: torch.device, report: Report) -> None:
         report.save()
     grouped_bad = any(not c["paths"].get("grouped", {"ok": False})["ok"] for c in report.data["parity"])
     if grouped_bad and expert_path(device, torch.bfloat16) == "grouped":
-        name = report.data["environment"].get("device_name", device.type)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type  # as grouped_mm_failed
         minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
         report.fail(f"auto picks 'grouped' here but it fails parity: add ({name!r}, {minor!r}) to "
                     "ioe_train/moe/experts.py GROUPED_MM_FAILURES")  # fmt: skip

@@ -41,6 +41,7 @@ def test_base_file_is_merged_first(tmp_path):
         (["data.source=streaming"], r"^data\.streaming\.data_files: empty"),
         (["model.moe.top_k=9"], r"^model.moe: top_k must be in"),
         (["model.name=gpt5"], r"^model: name must be one of"),
+        (["model.num_layers=0"], r"^model: num_layers must be >= 1"),
         (["lr"], r"^lr: an override is key=value"),
     ],
 )
