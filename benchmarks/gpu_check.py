@@ -549,7 +549,7 @@ def run_check(device_choice: str, quick: bool, out: Path, budget_s: float | None
 @click.option("--budget-s", type=float, default=None, help="Seconds for the whole run [default: 420; quick 60].")
 @click.option("--sections", default="parity,learn,train", show_default=True, help="Comma-separated subset.")
 @click.option("--num-layers", type=int, default=None, help="Fewer layers than the preset's 24 (say so in results).")
-@click.option("--seq-len", type=int, default=None, help="Train rows' sequence length [default: 2048; quick 128].")
+@click.option("--seq-len", type=int, default=None, help="Train rows' sequence length [default: 2048; quick 64].")
 def main(device_choice: str, quick: bool, out: Path | None, budget_s: float | None, sections: str,
          num_layers: int | None, seq_len: int | None) -> None:  # fmt: skip
     """Kernel parity, the real training step, learning and the environment, in one JSON + Markdown."""
