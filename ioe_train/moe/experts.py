@@ -17,6 +17,10 @@ on MI250X: `expert_path` checks the ROCm arch name before the CUDA capability. O
 fallback's host sync costs nothing and "grouped" still beat "loop" fwd+bwd (by 3% in bf16, 12%
 in fp32 on a 2-core Xeon; benchmarks/bench_moe.py, numbers in docs/MOE.md). Under torch.compile
 only bf16 can take "grouped" (the op's meta kernel rejects other dtypes).
+
+Where `benchmarks/gpu_check.py` finds "grouped" wrong on a device (its bf16 parity against
+"loop" and a float64 reference fails, or an expert with no tokens gets a non-zero weight
+gradient), that device goes into `GROUPED_MM_FAILURES` and "auto" takes "loop" there.
 """
 
 from __future__ import annotations
@@ -31,11 +35,24 @@ _ROCM_GROUPED_ARCHS = ("gfx942", "gfx950")
 _CPU_GROUPED = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
 # Its kernels need 16-byte-aligned row strides: D and H multiples of 8 cover fp32 and bf16.
 _ALIGN = 8
+# (device-name substring, torch "major.minor" or "" for any) where gpu_check.py's parity of
+# torch._grouped_mm failed: "auto" never picks "grouped" there. Add an entry only with the run's
+# numbers in docs/GPU.md (gpu_check.py prints the entry to add). None measured yet.
+GROUPED_MM_FAILURES: tuple[tuple[str, str], ...] = ()
+
+
+def grouped_mm_failed(device: torch.device) -> bool:
+    """Whether `GROUPED_MM_FAILURES` lists this device with this torch."""
+    if not GROUPED_MM_FAILURES:  # no device query (nothing for torch.compile to trace) until one is listed
+        return False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return any(part in name and version in ("", torch_minor) for part, version in GROUPED_MM_FAILURES)
 
 
 def expert_path(device: torch.device, dtype: torch.dtype) -> str:
     """The faster exact expert path on `device` for `dtype`: "grouped" or "loop" (see module doc)."""
-    if not hasattr(torch, "_grouped_mm"):  # torch < 2.8
+    if not hasattr(torch, "_grouped_mm") or grouped_mm_failed(device):  # torch < 2.8, or found wrong
         return "loop"
     if dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return "loop"  # torch 2.13's meta kernel for _grouped_mm (used while tracing) takes bf16 only

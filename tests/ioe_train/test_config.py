@@ -47,6 +47,7 @@ def test_base_file_is_merged_first(tmp_path):
         (["model.num_kv_heads=3"], r"^model\.num_kv_heads: must divide num_heads"),
         (["model.num_heads=64"], r"^model\.num_heads: head_dim = dim / num_heads = 1 "),
         (["model.dim=0"], r"^model\.dim: must be >= 1"),
+        (["model.num_layers=0"], r"^model\.num_layers: must be >= 1"),
         (["lr"], r"^lr: an override is key=value"),
     ],
 )

@@ -70,6 +70,12 @@ def test_qwen2_5_architecture_and_param_counts():
     assert count_params(moe) == (total, total - 24 * experts * 6 // 8)
 
 
+def test_num_layers_overrides_the_preset():
+    with torch.device("meta"):
+        model = build_model(ModelConfig(name="qwen2_5_moe", num_layers=2))
+    assert len(model.layers) == model.arch.num_layers == 2 and model.arch.dim == 896
+
+
 def test_forward_contract_and_stats():
     model = seeded_tiny(MoEConfig(num_experts=4, top_k=2))
     tokens = torch.randint(0, 512, (3, 10))

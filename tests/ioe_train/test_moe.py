@@ -18,6 +18,7 @@ from ioe_train.moe import (
     swiglu_mlp,
     z_loss,
 )
+from ioe_train.moe import experts as experts_module
 
 D, H = 8, 16
 
@@ -258,6 +259,23 @@ def test_topk_stats_count_routed_slots():
 def test_auto_path_table():
     assert expert_path(torch.device("cpu"), torch.float32) == "grouped"
     assert expert_path(torch.device("meta"), torch.bfloat16) == "loop"
+
+
+def test_auto_never_picks_grouped_where_parity_failed(monkeypatch):
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    monkeypatch.setattr(experts_module, "GROUPED_MM_FAILURES", (("cpu", "1.0"),))  # another torch: no effect
+    assert expert_path(torch.device("cpu"), torch.bfloat16) == "grouped"
+    monkeypatch.setattr(experts_module, "GROUPED_MM_FAILURES", (("cpu", minor),))
+    assert expert_path(torch.device("cpu"), torch.bfloat16) == "loop"
+
+    def broken(*args, **kwargs):
+        raise AssertionError("auto called torch._grouped_mm on a device listed as failing")
+
+    monkeypatch.setattr(torch, "_grouped_mm", broken)
+    moe = make_moe()  # grouped_mm="auto"
+    moe(torch.randn(2, 5, D))
+    monkeypatch.setattr(experts_module, "GROUPED_MM_FAILURES", (("cpu", ""),))  # "": any torch
+    moe(torch.randn(2, 5, D))
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
