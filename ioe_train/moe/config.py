@@ -31,6 +31,9 @@ class MoEConfig:
     # Tokens the load-balancing counts cover: "microbatch" (this rank's forward) or "global"
     # (counts summed over data-parallel ranks by MoE.reduce_counts, as Megatron's global_aux_loss).
     aux_loss_scope: str = "microbatch"
+    # ioe: route each document's first segment by the learned prior, not by the previous
+    # document's tail (needs model.eos_id to mark document ends; docs/MOE.md).
+    ioe_document_reset: bool = False
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -53,3 +56,5 @@ class MoEConfig:
             raise ValueError(f"grouped_mm must be one of {EXPERT_PATHS}, got {self.grouped_mm!r}")
         if self.aux_loss_scope not in AUX_LOSS_SCOPES:
             raise ValueError(f"aux_loss_scope must be one of {AUX_LOSS_SCOPES}, got {self.aux_loss_scope!r}")
+        if self.ioe_document_reset and self.router != "ioe":
+            raise ValueError(f"ioe_document_reset applies to router 'ioe' only, got router {self.router!r}")

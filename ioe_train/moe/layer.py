@@ -48,8 +48,11 @@ class MoE(nn.Module):
         routed = self.forward_with_stats(x)
         return routed.out, routed.router_loss, routed.aux_loss
 
-    def forward_with_stats(self, x: Tensor) -> Routed:
+    def forward_with_stats(self, x: Tensor, doc_start: Tensor | None = None) -> Routed:
         """x: [B, S, D] -> Routed(out, router_loss, aux_loss, tokens_per_expert [E], entropy).
+
+        doc_start: [B, S] bool, True where a document begins (the decoder passes it when
+        `ioe_document_reset` is set), or None; the router decides what to do with it.
 
         The statistics are returned, never accumulated in module state: a forward recomputed by
         activation checkpointing cannot count twice, and torch.compile sees no side effects.
@@ -62,7 +65,7 @@ class MoE(nn.Module):
                     "ranks, set by parallelize.py; an identity on a single process)"
                 )
             reduce_counts = self.reduce_counts
-        routed = self.router(x, self.experts, reduce_counts)
+        routed = self.router(x, self.experts, reduce_counts, doc_start)
         if self.shared_expert is not None:
             routed = routed._replace(out=routed.out + self.shared_expert(x))
         return routed

@@ -38,7 +38,7 @@ class Routed(NamedTuple):
 
 
 class Router(nn.Module, ABC):
-    """Interface of a router: `routed = router(x, experts, reduce_counts)`."""
+    """Interface of a router: `routed = router(x, experts, reduce_counts, doc_start)`."""
 
     @classmethod
     @abstractmethod
@@ -46,8 +46,10 @@ class Router(nn.Module, ABC):
         """Experts' worth of FLOPs (and parameters) that one token uses."""
 
     @abstractmethod
-    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
-        """x: [B, S, D]. reduce_counts sums per-expert counts over data-parallel ranks, or is None."""
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
+                doc_start: Tensor | None = None) -> Routed:  # fmt: skip
+        """x: [B, S, D]. reduce_counts sums per-expert counts over data-parallel ranks, or is None.
+        doc_start: [B, S] bool, True where a document begins, or None (routers may ignore it)."""
 
 
 def _jitter(x: Tensor, amount: float, training: bool) -> Tensor:
@@ -96,7 +98,8 @@ class TopKRouter(Router):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, indices
 
-    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
+                doc_start: Tensor | None = None) -> Routed:  # fmt: skip
         b, s, d = x.shape
         x = x.reshape(b * s, d)  # [T, D]
         logits, probs, weights, indices = self.route(x)
@@ -146,7 +149,8 @@ class IoERouter(Router):
     def active_experts(cls, cfg: MoEConfig) -> int:
         return 1
 
-    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
+                doc_start: Tensor | None = None) -> Routed:  # fmt: skip
         b, s, d = x.shape
         seg = self.segment_len
         n = -(-s // seg)
