@@ -35,6 +35,7 @@ from ioe_train.metrics import (
     peak_flops,
 )
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
+from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ioe_train.parallelize import copy_full_weights, parallelize
 
@@ -194,13 +195,15 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
     tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
 
+    # topk_bias routers update from every step's global load, not only on expert_interval steps.
+    load_every_step = balances_from_load(model)
     batches = iter(loader)
     metrics: dict[str, float] = {}
     timer, timed_tokens = time.perf_counter(), 0
     while step < cfg.steps:
         step += 1
-        want_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
-        r = train_step(model, batches, cfg, device, want_experts)
+        log_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
+        r = train_step(model, batches, cfg, device, log_experts or load_every_step)
         if not r.finite:
             what = f"step {step}: loss {r.total} (ce {r.ce}, aux {r.aux}, router {r.router}), grad norm {r.grad_norm}"
             if cfg.on_nonfinite == "stop":
@@ -214,6 +217,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
             log.line(f"{what} is not finite: step skipped (on_nonfinite=skip)")
         else:
             optimizer.step()
+            if load_every_step:
+                update_router_biases(model, torch.from_numpy(r.expert_load))
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -231,7 +236,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
             log.scalars(step, metrics)
             log.line(format_line(step, cfg.steps, metrics))
             timer, timed_tokens = time.perf_counter(), 0
-        if r.expert_load is not None:
+        if log_experts and r.expert_load is not None:
             log.experts(step, r.expert_load, r.router_entropy)
         if eval_set is not None and (step % cfg.eval.interval == 0 or step == cfg.steps):
             val = evaluate(model, eval_set, cfg, device)
