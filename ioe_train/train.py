@@ -37,7 +37,8 @@ from ioe_train.metrics import (
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from ioe_train.parallelize import copy_full_weights, parallelize
+from ioe_train.parallelize import copy_full_tensors, copy_full_weights, parallelize
+from ioe_train.upcycle import load_dense, upcycle
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +79,18 @@ def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Non
         torch.manual_seed(cfg.seed)
         init_weights(full)
         copy_full_weights(model, full)
+
+
+def init_from_dense(model: nn.Module, cfg: TrainConfig) -> None:
+    """Overwrite the materialised model with `cfg.model.init_from`'s weights (ioe_train.upcycle).
+
+    Every rank reads the dense checkpoint on CPU and builds one full tensor at a time, keeping its
+    own shard: no rank ever holds the whole upcycled model (8 copies of the dense MLPs).
+    """
+    with torch.device("meta"):
+        shapes = build_model(cfg.model)
+    dense = load_dense(cfg.model.init_from)
+    copy_full_tensors(model, upcycle(dense, shapes, cfg.model.init_noise, cfg.seed, cfg.model.init_from))
 
 
 def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
@@ -178,6 +191,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
         raise ConfigError(f"checkpoint.resume: false, but {ckpt.path(done[-1])} exists: a fresh run "
                           "there would delete its own new checkpoints among the old ones. Use a new "
                           "output_dir, or checkpoint.resume=true")  # fmt: skip
+    if cfg.model.init_from and not done:  # a resumed run restores its own weights instead
+        init_from_dense(model, cfg)
     if done:
         state, data_state = ckpt.load(done[-1], model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -191,7 +206,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     peak = peak_flops(device)
     log.line(f"{cfg.model.name}: {total_params / 1e6:.1f}M parameters, {active_params / 1e6:.1f}M active "
              f"per token; {world_size} ranks on {device.type}; "
-             + (f"resumed at step {step}" if step else "starting"))  # fmt: skip
+             + (f"resumed at step {step}" if step else "starting")
+             + (f" from {cfg.model.init_from}" if cfg.model.init_from and not step else ""))  # fmt: skip
     eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
     tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
 
