@@ -105,6 +105,8 @@ def test_a_checkpoint_that_does_not_fit_names_its_keys(tmp_path):
         load_dense(tmp_path / "pickled.pt")
     with pytest.raises(ConfigError, match=r"nope: no such file or directory"):
         load_dense(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"^model.init_from: .*nope: no such file or directory"):
+        load_config(None, ["data.train_dirs=[x]", "eval.interval=0", f"model.init_from={tmp_path / 'nope'}"])
 
 
 @pytest.mark.parametrize("shard", [False, True])
