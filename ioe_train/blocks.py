@@ -34,6 +34,7 @@ __all__ = [
     "RMSNorm",
     "TiedLinear",
     "document_mask",
+    "document_mask_mod",
 ]
 
 
@@ -48,10 +49,15 @@ def document_mask(doc_start: Tensor) -> Tensor | BlockMask:
     doc = doc_start.cumsum(dim=1)  # [B, S] index of each position's document
     b, s = doc.shape
     if _SUPPORTS_FLEX_ATTENTION and doc.device.type == "cuda":
-
-        def same_document_causal(bi: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            return (kv <= q) & (doc[bi, q] == doc[bi, kv])
-
-        return create_block_mask(same_document_causal, b, None, s, s, device=doc.device)
+        return create_block_mask(document_mask_mod(doc), b, None, s, s, device=doc.device)
     causal = torch.ones(s, s, dtype=torch.bool, device=doc.device).tril()  # [S, S]
     return causal & (doc[:, :, None] == doc[:, None, :])  # [B, S, S]
+
+
+def document_mask_mod(doc: Tensor):
+    """FlexAttention mask_mod of `document_mask`; doc: [B, S] document index of each position."""
+
+    def same_document_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (kv <= q) & (doc[b, q] == doc[b, kv])
+
+    return same_document_causal

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from ioe_train.blocks import document_mask, document_mask_mod
 from ioe_train.config import ConfigError, load_config
 from ioe_train.model import ModelConfig, build_model, document_starts, init_weights
 from ioe_train.moe import MoEConfig
@@ -76,6 +77,17 @@ def test_block_causal_blocks_compile_without_graph_breaks():
     tokens = torch.cat(documents([6, 10], seed=3))[None]
     for got, want in zip(compiled(tokens), model(tokens)):
         torch.testing.assert_close(got, want)
+
+
+def test_flex_mask_mod_equals_the_sdpa_mask():
+    """The FlexAttention path runs on CUDA only; its mask_mod is checked here on CPU."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    doc_start = document_starts(torch.cat(documents([3, 6, 1, 6], seed=5)).repeat(2, 1), EOS)  # [2, 16]
+    doc_start[1, 8] = True
+    flex = create_mask(document_mask_mod(doc_start.cumsum(1)), 2, 1, 16, 16, device="cpu")  # [B, 1, S, S]
+    assert torch.equal(flex[:, 0], document_mask(doc_start))
+    assert document_mask(doc_start)[0].sum() == 6 + 21 + 1 + 21  # per document n (n + 1) / 2
 
 
 @pytest.mark.gpu
