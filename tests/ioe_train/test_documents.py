@@ -102,7 +102,8 @@ def test_flex_attention_block_mask_equals_each_document_alone():
 
 @pytest.mark.parametrize(
     "override,key",
-    [("model.attention=sliding", "model: attention"), ("model.moe.ioe_document_reset=true", "model.moe: ioe_document_reset")],
+    [("model.attention=sliding", "model: attention"),
+     ("model.moe.ioe_document_reset=true", "model.moe: ioe_document_reset")],  # fmt: skip
 )
 def test_config_rejects_bad_document_options(override, key):
     with pytest.raises(ConfigError, match=key):

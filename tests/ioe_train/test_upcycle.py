@@ -113,8 +113,8 @@ def test_a_checkpoint_that_does_not_fit_names_its_keys(tmp_path):
 def test_hugging_face_qwen2_directory_maps_by_role(tmp_path, shard):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
-                                      rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=512)  # fmt: skip
+                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                                      tie_word_embeddings=True, max_position_embeddings=512)  # fmt: skip
     torch.manual_seed(0)
     hf = transformers.Qwen2ForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB" if shard else "1GB")
