@@ -17,8 +17,15 @@ _torchao_log.setLevel(logging.ERROR)
 try:
     from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
     from torchtune.modules import FeedForward, MultiHeadAttention, RMSNorm, TiedLinear
+    from torchtune.modules.attention_utils import _SUPPORTS_FLEX_ATTENTION
 finally:
     _torchao_log.setLevel(_level)
+
+import torch
+from torch import Tensor
+
+if _SUPPORTS_FLEX_ATTENTION:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 __all__ = [
     "FeedForward",
@@ -26,4 +33,31 @@ __all__ = [
     "Qwen2RotaryPositionalEmbeddings",
     "RMSNorm",
     "TiedLinear",
+    "document_mask",
+    "document_mask_mod",
 ]
+
+
+def document_mask(doc_start: Tensor) -> Tensor | BlockMask:
+    """Block-causal attention mask for `MultiHeadAttention(..., mask=)`: position q attends to
+    kv <= q of its own document only. doc_start: [B, S] bool, True where a document begins.
+
+    A FlexAttention BlockMask where torchtune runs FlexAttention (CUDA/ROCm, capability >= 7.5):
+    it skips the fully masked blocks, where SDPA with a dense mask still computes them. Elsewhere
+    (CPU) a boolean [B, S, S] mask for SDPA.
+    """
+    doc = doc_start.cumsum(dim=1)  # [B, S] index of each position's document
+    b, s = doc.shape
+    if _SUPPORTS_FLEX_ATTENTION and doc.device.type == "cuda":
+        return create_block_mask(document_mask_mod(doc), b, None, s, s, device=doc.device)
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc.device).tril()  # [S, S]
+    return causal & (doc[:, :, None] == doc[:, None, :])  # [B, S, S]
+
+
+def document_mask_mod(doc: Tensor):
+    """FlexAttention mask_mod of `document_mask`; doc: [B, S] document index of each position."""
+
+    def same_document_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (kv <= q) & (doc[b, q] == doc[b, kv])
+
+    return same_document_causal

@@ -163,6 +163,8 @@ class TrainConfig:
         max_seq_len = self.model.arch().max_seq_len
         if self.data.seq_len > max_seq_len:
             _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
+        if self.model.init_from is not None and not Path(self.model.init_from).exists():
+            _fail("model.init_from", f"{self.model.init_from}: no such file or directory")
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))

@@ -22,6 +22,7 @@ from ioe_train.blocks import (
     Qwen2RotaryPositionalEmbeddings,
     RMSNorm,
     TiedLinear,
+    document_mask,
 )
 from ioe_train.loss import linear_cross_entropy
 from ioe_train.moe import ROUTERS, MoE, MoEConfig, swiglu_mlp
@@ -50,6 +51,9 @@ TINY = Arch(vocab_size=512, num_layers=2, dim=64, num_heads=4, num_kv_heads=2, h
 
 # ModelConfig fields that override the preset's Arch field of the same name.
 _ARCH_OVERRIDES = ("vocab_size", "max_seq_len", "num_layers", "dim", "num_heads", "num_kv_heads", "hidden_dim")
+ATTENTIONS = ("causal", "block_causal")
+# Qwen2.5's <|endoftext|>: `pile-prep tokenize` ends every document with it (docs/FORMAT.md).
+QWEN_EOS_ID = 151_643
 
 # name -> (architecture, whether its MLPs are MoE layers)
 PRESETS: dict[str, tuple[Arch, bool]] = {
@@ -78,10 +82,24 @@ class ModelConfig:
     # Tokens per chunk of the fused output projection + cross-entropy: one chunk's fp32 logits and
     # their gradient (chunk x V x ~10 bytes: 1.5 GB at 1024 x 151,936) exist at a time.
     ce_chunk_tokens: int = 1024
+    # "causal": attention crosses document boundaries inside a packed window (as Qwen/Llama
+    # pretraining); "block_causal": a token attends to its own document only (docs/TRAINING.md).
+    attention: str = "causal"
+    eos_id: int = QWEN_EOS_ID  # the token that ends every document: the next token starts one
+    # Warm start from a dense checkpoint (sparse upcycling, ioe_train/upcycle.py): a final/model.pt
+    # of this project or a Hugging Face Qwen2.5 safetensors directory; None = random init.
+    init_from: str | None = None
+    init_noise: float = 0.0  # upcycling: expert e = dense MLP + init_noise * std(W) * N(0, 1)
 
     def __post_init__(self) -> None:
         if self.name not in PRESETS:
             raise ValueError(f"name must be one of {sorted(PRESETS)}, got {self.name!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.eos_id < 0:
+            raise ValueError(f"eos_id must be >= 0, got {self.eos_id}")
+        if self.init_noise < 0:
+            raise ValueError(f"init_noise must be >= 0, got {self.init_noise}")
         for key in (*_ARCH_OVERRIDES, "ce_chunk_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -109,9 +127,11 @@ class ModelConfig:
 class Block(nn.Module):
     """Pre-norm decoder block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
 
-    forward(x [B, S, D]) -> (out [B, S, D], router_loss, aux_loss, tokens_per_expert [E],
-    router_entropy): tensors only, so checkpoint_wrapper, fully_shard and torch.compile apply per
-    block. A dense block returns zero losses, tokens_per_expert of shape [0] and zero entropy.
+    forward(x [B, S, D], doc_start=None, mask=None) -> (out [B, S, D], router_loss, aux_loss,
+    tokens_per_expert [E], router_entropy): tensors (or None) only, so checkpoint_wrapper,
+    fully_shard and torch.compile apply per block. A dense block returns zero losses,
+    tokens_per_expert of shape [0] and zero entropy. doc_start [B, S] bool (True where a document
+    begins) goes to the router; mask (`blocks.document_mask`) restricts attention, None = causal.
     """
 
     def __init__(self, attn: MultiHeadAttention, mlp: MoE | FeedForward, sa_norm: RMSNorm, mlp_norm: RMSNorm) -> None:
@@ -121,11 +141,14 @@ class Block(nn.Module):
         self.sa_norm = sa_norm
         self.mlp_norm = mlp_norm
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, doc_start: Tensor | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         normed = self.sa_norm(x)
-        h = x + self.attn(normed, normed)  # causal: no mask, no KV cache
+        h = x + self.attn(normed, normed, mask=mask)  # no KV cache
         if isinstance(self.mlp, MoE):
-            y, router_loss, aux_loss, tokens_per_expert, router_entropy = self.mlp.forward_with_stats(self.mlp_norm(h))
+            y, router_loss, aux_loss, tokens_per_expert, router_entropy = self.mlp.forward_with_stats(
+                self.mlp_norm(h), doc_start
+            )
             return h + y, router_loss, aux_loss, tokens_per_expert, router_entropy
         zero = x.new_zeros((), dtype=torch.float32)
         return h + self.mlp(self.mlp_norm(h)), zero, zero, x.new_zeros(0, dtype=torch.float32), zero
@@ -136,13 +159,18 @@ class Decoder(nn.Module):
 
     After each forward of a MoE model, `tokens_per_expert` [L, E] and `router_entropy` [L] hold
     that forward's detached expert load (overwritten, never accumulated); see `expert_stats`.
+    `attention` and `eos_id` as in ModelConfig.
     """
 
-    def __init__(self, arch: Arch, moe: MoEConfig | None, ce_chunk_tokens: int = 1024) -> None:
+    def __init__(self, arch: Arch, moe: MoEConfig | None, ce_chunk_tokens: int = 1024, attention: str = "causal",
+                 eos_id: int = QWEN_EOS_ID) -> None:  # fmt: skip
         super().__init__()
         if moe is not None and moe.expert_hidden_dim == 0:  # FLOP-matched to the dense MLP
             moe = replace(moe, expert_hidden_dim=arch.hidden_dim // ROUTERS[moe.router].active_experts(moe))
         self.arch = arch
+        self.attention = attention
+        self.eos_id = eos_id
+        self.document_reset = moe is not None and moe.ioe_document_reset
         self.vocab_size = arch.vocab_size
         self.max_seq_len = arch.max_seq_len
         self.ce_chunk_tokens = ce_chunk_tokens
@@ -166,10 +194,16 @@ class Decoder(nn.Module):
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.max_seq_len}")
         h = self.tok_embeddings(tokens)  # [B, S, D]
+        doc_start = mask = None
+        if self.attention == "block_causal" or self.document_reset:
+            doc_start = document_starts(tokens, self.eos_id)  # [B, S]
+        if self.attention == "block_causal":
+            mask = document_mask(doc_start)  # built once, shared by every layer
+        router_doc_start = doc_start if self.document_reset else None
         router_loss = aux_loss = h.new_zeros((), dtype=torch.float32)
         loads, entropies = [], []
         for layer in self.layers:
-            h, layer_router_loss, layer_aux_loss, load, layer_entropy = layer(h)
+            h, layer_router_loss, layer_aux_loss, load, layer_entropy = layer(h, router_doc_start, mask)
             router_loss = router_loss + layer_router_loss
             aux_loss = aux_loss + layer_aux_loss
             loads.append(load)
@@ -183,6 +217,16 @@ class Decoder(nn.Module):
         ce = linear_cross_entropy(h.flatten(0, 1), self.tok_embeddings.weight, labels.flatten(),
                                   self.ce_chunk_tokens, reduction)  # fmt: skip
         return (ce.view(labels.shape) if reduction == "none" else ce), router_loss, aux_loss
+
+
+def document_starts(tokens: Tensor, eos_id: int) -> Tensor:
+    """tokens: [B, S] -> [B, S] bool, True at position 0 and right after every `eos_id`.
+
+    The window's first token counts as a start: the model cannot see what came before it.
+    """
+    starts = torch.ones_like(tokens, dtype=torch.bool)
+    starts[:, 1:] = tokens[:, :-1] == eos_id
+    return starts
 
 
 def _block(arch: Arch, head_dim: int, rope: nn.Module, moe: MoEConfig | None) -> Block:
@@ -225,7 +269,7 @@ def tiny_dense(**overrides) -> Decoder:
 
 def build_model(cfg: ModelConfig) -> Decoder:
     """The model `cfg` names; safe under `torch.device("meta")` (then to_empty + init_weights)."""
-    return Decoder(cfg.arch(), cfg.moe if cfg.is_moe else None, cfg.ce_chunk_tokens)
+    return Decoder(cfg.arch(), cfg.moe if cfg.is_moe else None, cfg.ce_chunk_tokens, cfg.attention, cfg.eos_id)
 
 
 def init_weights(model: Decoder, std: float = 0.02) -> None:

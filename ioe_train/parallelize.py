@@ -8,6 +8,7 @@ load-balancing counts get their all-reduce here (`MoE.reduce_counts`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ioe_train.config import ParallelConfig
@@ -125,3 +126,22 @@ def copy_full_weights(model: nn.Module, full: nn.Module) -> None:
         if p.shape != q.shape:
             raise ValueError(f"sharded parameter of shape {tuple(p.shape)} vs twin {tuple(q.shape)}")
         p.copy_(distribute_tensor(q.to(p.device), p.device_mesh, p.placements, src_data_rank=None))
+
+
+@torch.no_grad()
+def copy_full_tensors(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Set parameters of `model` (sharded or not) by their unwrapped names to full tensors.
+
+    Every rank passes the same tensors and keeps its own shard of each, with no communication;
+    names are those of the unparallelized model (no checkpoint or compile wrapper prefixes).
+    """
+    params = {name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p
+              for name, p in model.named_parameters()}  # fmt: skip
+    for name, full in tensors:
+        p = params[name]
+        if p.shape != full.shape:
+            raise ValueError(f"{name}: parameter of shape {tuple(p.shape)} vs tensor {tuple(full.shape)}")
+        full = full.to(p.device, p.dtype)
+        if isinstance(p, DTensor):
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(full)

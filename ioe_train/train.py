@@ -29,9 +29,11 @@ from ioe_train.devices import peak_flops
 from ioe_train.loss import microbatch_loss, per_source_sums, total_loss
 from ioe_train.metrics import MetricsLogger, format_line, memory_gib
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
+from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from ioe_train.parallelize import copy_full_weights, parallelize
+from ioe_train.parallelize import copy_full_tensors, copy_full_weights, parallelize
 from ioe_train.plan import flops_per_token
+from ioe_train.upcycle import load_dense, upcycle
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,6 +74,18 @@ def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Non
         torch.manual_seed(cfg.seed)
         init_weights(full)
         copy_full_weights(model, full)
+
+
+def init_from_dense(model: nn.Module, cfg: TrainConfig) -> None:
+    """Overwrite the materialised model with `cfg.model.init_from`'s weights (ioe_train.upcycle).
+
+    Every rank reads the dense checkpoint on CPU and builds one full tensor at a time, keeping its
+    own shard: no rank ever holds the whole upcycled model (8 copies of the dense MLPs).
+    """
+    with torch.device("meta"):
+        shapes = build_model(cfg.model)
+    dense = load_dense(cfg.model.init_from)
+    copy_full_tensors(model, upcycle(dense, shapes, cfg.model.init_noise, cfg.seed, cfg.model.init_from))
 
 
 def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
@@ -172,6 +186,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
         raise ConfigError(f"checkpoint.resume: false, but {ckpt.path(done[-1])} exists: a fresh run "
                           "there would delete its own new checkpoints among the old ones. Use a new "
                           "output_dir, or checkpoint.resume=true")  # fmt: skip
+    if cfg.model.init_from and not done:  # a resumed run restores its own weights instead
+        init_from_dense(model, cfg)
     if done:
         state, data_state = ckpt.load(done[-1], model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -184,17 +200,20 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     peak = peak_flops(device)
     log.line(f"{cfg.model.name}: {total_params / 1e6:.1f}M parameters, {active_params / 1e6:.1f}M active "
              f"per token; {world_size} ranks on {device.type}; "
-             + (f"resumed at step {step}" if step else "starting"))  # fmt: skip
+             + (f"resumed at step {step}" if step else "starting")
+             + (f" from {cfg.model.init_from}" if cfg.model.init_from and not step else ""))  # fmt: skip
     eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
     tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
 
+    # topk_bias routers update from every step's global load, not only on expert_interval steps.
+    load_every_step = balances_from_load(model)
     batches = iter(loader)
     metrics: dict[str, float] = {}
     timer, timed_tokens = time.perf_counter(), 0
     while step < cfg.steps:
         step += 1
-        want_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
-        r = train_step(model, batches, cfg, device, want_experts)
+        log_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
+        r = train_step(model, batches, cfg, device, log_experts or load_every_step)
         if not r.finite:
             what = f"step {step}: loss {r.total} (ce {r.ce}, aux {r.aux}, router {r.router}), grad norm {r.grad_norm}"
             if cfg.on_nonfinite == "stop":
@@ -208,6 +227,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
             log.line(f"{what} is not finite: step skipped (on_nonfinite=skip)")
         else:
             optimizer.step()
+            if load_every_step:
+                update_router_biases(model, torch.from_numpy(r.expert_load))
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -225,7 +246,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
             log.scalars(step, metrics)
             log.line(format_line(step, cfg.steps, metrics))
             timer, timed_tokens = time.perf_counter(), 0
-        if r.expert_load is not None:
+        if log_experts and r.expert_load is not None:
             log.experts(step, r.expert_load, r.router_entropy)
         if eval_set is not None and (step % cfg.eval.interval == 0 or step == cfg.steps):
             val = evaluate(model, eval_set, cfg, device)

@@ -2,9 +2,9 @@
 
 from ioe_train.moe.config import MoEConfig
 from ioe_train.moe.experts import Experts, expert_path
-from ioe_train.moe.layer import MoE, swiglu_mlp
+from ioe_train.moe.layer import MoE, balances_from_load, swiglu_mlp, update_router_biases
 from ioe_train.moe.losses import ReduceFn, entropy, load_balancing_loss, z_loss
-from ioe_train.moe.router import ROUTERS, IoERouter, Routed, Router, TopKRouter
+from ioe_train.moe.router import ROUTERS, IoERouter, Routed, Router, TopKBiasRouter, TopKRouter
 
 __all__ = [
     "ROUTERS",
@@ -15,10 +15,13 @@ __all__ = [
     "ReduceFn",
     "Routed",
     "Router",
+    "TopKBiasRouter",
     "TopKRouter",
+    "balances_from_load",
     "entropy",
     "expert_path",
     "load_balancing_loss",
     "swiglu_mlp",
+    "update_router_biases",
     "z_loss",
 ]

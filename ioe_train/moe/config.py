@@ -20,7 +20,7 @@ class MoEConfig:
     # active experts (4864 / 2 = 2432 for Qwen2.5-0.5B with top-2): the dense model's active FLOPs.
     expert_hidden_dim: int = 0
     shared_expert_hidden_dim: int = 0  # hidden size of an always-on shared SwiGLU expert; 0 = none
-    router: str = "topk"  # a key of ioe_train.moe.router.ROUTERS: "topk" | "ioe"
+    router: str = "topk"  # a key of ioe_train.moe.router.ROUTERS: "topk" | "ioe" | "topk_bias"
     renormalize: bool = True  # topk, K > 1: rescale the K gate weights to sum to 1 (Mixtral, Qwen-MoE)
     z_loss_coef: float = 1e-3  # weight of the ST-MoE router z-loss inside `router_loss`
     jitter: float = 0.0  # training-time router input noise x * U(1 - j, 1 + j) (Switch); 0 = off
@@ -34,6 +34,12 @@ class MoEConfig:
     # Tokens the load-balancing counts cover: "microbatch" (this rank's forward) or "global"
     # (counts summed over data-parallel ranks by MoE.reduce_counts, as Megatron's global_aux_loss).
     aux_loss_scope: str = "microbatch"
+    # ioe: route each document's first segment by the learned prior, not by the previous
+    # document's tail (needs model.eos_id to mark document ends; docs/MOE.md).
+    ioe_document_reset: bool = False
+    # topk_bias: change of each expert's selection bias per optimizer step, towards balance
+    # (DeepSeek-V3's gamma = 0.001; the bias acts on softmax probs, which lie in [0, 1]).
+    bias_update_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -58,3 +64,7 @@ class MoEConfig:
             raise ValueError(f"grouped_mm must be one of {EXPERT_PATHS}, got {self.grouped_mm!r}")
         if self.aux_loss_scope not in AUX_LOSS_SCOPES:
             raise ValueError(f"aux_loss_scope must be one of {AUX_LOSS_SCOPES}, got {self.aux_loss_scope!r}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.ioe_document_reset and self.router != "ioe":
+            raise ValueError(f"ioe_document_reset applies to router 'ioe' only, got router {self.router!r}")

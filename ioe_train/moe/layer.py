@@ -5,13 +5,14 @@ B batch, S sequence length, D model dim, E experts.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ioe_train.blocks import FeedForward
 from ioe_train.moe.config import MoEConfig
 from ioe_train.moe.experts import Experts
 from ioe_train.moe.losses import ReduceFn
-from ioe_train.moe.router import ROUTERS, Routed
+from ioe_train.moe.router import ROUTERS, Routed, TopKBiasRouter
 
 
 def swiglu_mlp(dim: int, hidden_dim: int) -> FeedForward:
@@ -50,8 +51,11 @@ class MoE(nn.Module):
         routed = self.forward_with_stats(x)
         return routed.out, routed.router_loss, routed.aux_loss
 
-    def forward_with_stats(self, x: Tensor) -> Routed:
+    def forward_with_stats(self, x: Tensor, doc_start: Tensor | None = None) -> Routed:
         """x: [B, S, D] -> Routed(out, router_loss, aux_loss, tokens_per_expert [E], entropy).
+
+        doc_start: [B, S] bool, True where a document begins (the decoder passes it when
+        `ioe_document_reset` is set), or None; the router decides what to do with it.
 
         The statistics are returned, never accumulated in module state: a forward recomputed by
         activation checkpointing cannot count twice, and torch.compile sees no side effects.
@@ -64,7 +68,28 @@ class MoE(nn.Module):
                     "ranks, set by parallelize.py; an identity on a single process)"
                 )
             reduce_counts = self.reduce_counts
-        routed = self.router(x, self.experts, reduce_counts)
+        routed = self.router(x, self.experts, reduce_counts, doc_start)
         if self.shared_expert is not None:
             routed = routed._replace(out=routed.out + self.shared_expert(x))
         return routed
+
+
+def balances_from_load(model: nn.Module) -> bool:
+    """Whether a router of `model` needs each step's expert load (`update_router_biases`)."""
+    return any(isinstance(m, MoE) and isinstance(m.router, TopKBiasRouter) for m in model.modules())
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, load: Tensor) -> None:
+    """Update every `topk_bias` router from its layer's load, after an optimizer step.
+
+    load: [L, E], row l the tokens_per_expert of the l-th MoE layer (in `model.modules()` order,
+    as `expert_stats`) summed over the step's micro-batches and all data-parallel ranks: every
+    rank passes the same load, so the replicated biases stay equal.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if load.shape[0] != len(layers):
+        raise ValueError(f"load has {load.shape[0]} rows for {len(layers)} MoE layers")
+    for moe, row in zip(layers, load):
+        if isinstance(moe.router, TopKBiasRouter):
+            moe.router.update_bias(row)

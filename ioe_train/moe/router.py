@@ -38,7 +38,7 @@ class Routed(NamedTuple):
 
 
 class Router(nn.Module, ABC):
-    """Interface of a router: `routed = router(x, experts, reduce_counts)`."""
+    """Interface of a router: `routed = router(x, experts, reduce_counts, doc_start)`."""
 
     @classmethod
     @abstractmethod
@@ -56,8 +56,10 @@ class Router(nn.Module, ABC):
         return 0.0
 
     @abstractmethod
-    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
-        """x: [B, S, D]. reduce_counts sums per-expert counts over data-parallel ranks, or is None."""
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
+                doc_start: Tensor | None = None) -> Routed:  # fmt: skip
+        """x: [B, S, D]. reduce_counts sums per-expert counts over data-parallel ranks, or is None.
+        doc_start: [B, S] bool, True where a document begins, or None (routers may ignore it)."""
 
 
 def _jitter(x: Tensor, amount: float, training: bool) -> Tensor:
@@ -101,12 +103,17 @@ class TopKRouter(Router):
         # fp32 routing: bf16 logits flip near-tied top-k choices between forward and recompute.
         logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
         probs = logits.softmax(dim=-1)  # [T, E]
-        weights, indices = probs.topk(self.top_k, dim=-1)  # [T, K], [T, K]
+        weights, indices = self.select(probs)  # [T, K], [T, K]
         if self.renormalize and self.top_k > 1:  # K = 1: w would be 1, and the gate get no gradient
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, indices
 
-    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """probs: [T, E] -> the K largest probs [T, K] and their experts [T, K]."""
+        return probs.topk(self.top_k, dim=-1)
+
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
+                doc_start: Tensor | None = None) -> Routed:  # fmt: skip
         b, s, d = x.shape
         x = x.reshape(b * s, d)  # [T, D]
         logits, probs, weights, indices = self.route(x)
@@ -174,7 +181,8 @@ class IoERouter(Router):
     def active_experts(cls, cfg: MoEConfig) -> int:
         return 1
 
-    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None) -> Routed:
+    def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
+                doc_start: Tensor | None = None) -> Routed:  # fmt: skip
         b, s, d = x.shape
         seg = self.segment_len
         n = -(-s // seg)
@@ -202,8 +210,42 @@ class IoERouter(Router):
         return Routed(out, router_loss, aux_loss, tokens_per_expert, entropy(g.reshape(-1, e)).detach())
 
 
+class TopKBiasRouter(TopKRouter):
+    """Top-K gating with auxiliary-loss-free load balancing (DeepSeek-V3; torchtitan's
+    load_balance_coeff).
+
+    A per-expert bias b [E] is added to the probs for the top-K selection only: the gate weights
+    are the unbiased probs of the chosen experts, so b decides which experts run but never scales
+    an output, and no balancing gradient competes with the LM loss. b is no parameter: after each
+    optimizer step the trainer calls `update_bias` with the step's global load (all micro-batches,
+    all ranks), b_e += rate * sign(mean load - load_e), so an overloaded expert gets chosen less.
+    b is a persistent buffer: checkpoints save it and a resumed run continues with it. The Switch
+    aux_loss is still returned (as a balance statistic); `load_balancing_loss_weight: 0` makes the
+    run aux-loss-free.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__(dim, cfg)
+        self.rate = cfg.bias_update_rate
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # [E] fp32
+
+    def init_params(self, std: float) -> None:
+        nn.init.zeros_(self.expert_bias)  # after to_empty the buffer is garbage, like a parameter
+
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        indices = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # [T, K] biased choice
+        return probs.gather(-1, indices), indices  # unbiased weights [T, K]
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor) -> None:
+        """load: [E] routed slots per expert over one optimizer step, summed over all ranks."""
+        load = load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.rate * torch.sign(load.mean() - load)
+
+
 # The one place to register a router: MoEConfig.router selects a key.
 ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
     "ioe": IoERouter,
+    "topk_bias": TopKBiasRouter,
 }

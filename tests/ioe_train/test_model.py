@@ -31,6 +31,7 @@ from ioe_train.moe import MoE, MoEConfig
 ROUTER_CFGS = {
     "topk": MoEConfig(num_experts=4, top_k=2, jitter=0.1),
     "ioe": MoEConfig(num_experts=4, router="ioe", ioe_segment_len=4, jitter=0.1),
+    "topk_bias": MoEConfig(num_experts=4, top_k=2, jitter=0.1, router="topk_bias"),
 }
 
 

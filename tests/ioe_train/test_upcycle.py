@@ -1,0 +1,148 @@
+"""Sparse upcycling (`model.init_from`): a MoE started from a dense checkpoint computes what the
+dense model computes, Hugging Face names map by role, and a checkpoint that does not fit fails
+naming its keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ioe_train.train as train_mod
+from ioe_train.config import ConfigError, load_config
+from ioe_train.model import ModelConfig, build_model, init_weights
+from ioe_train.moe import MoEConfig
+from ioe_train.upcycle import load_dense, upcycle
+from tests.distributed import run_distributed
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+DENSE = ModelConfig(name="tiny_dense", vocab_size=64)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def moe_cfg(**moe) -> ModelConfig:
+    return ModelConfig(name="tiny_moe", vocab_size=64, moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}))
+
+
+def seeded(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    init_weights(model)
+    return model
+
+
+def save_dense(path: Path, model) -> Path:
+    """final/model.pt as issue 14 writes it: plain types only."""
+    torch.save({"model": model.state_dict(), "model_config": {"name": "tiny_dense"}, "step": 0}, path)
+    return path
+
+
+def upcycled(cfg: ModelConfig, dense_path: Path, noise: float = 0.0):
+    model = seeded(cfg, seed=1)
+    model.load_state_dict(dict(upcycle(load_dense(dense_path), model, noise, seed=0)), strict=False)
+    return model
+
+
+def ce(model, tokens: torch.Tensor) -> torch.Tensor:
+    logits, _, _ = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def test_whole_copy_experts_compute_the_dense_model(tmp_path):
+    dense = seeded(DENSE)
+    path = save_dense(tmp_path / "model.pt", dense)
+    moe = upcycled(moe_cfg(expert_hidden_dim=128), path)  # 128: TINY's dense hidden size
+    for layer in moe.layers:
+        torch.nn.init.zeros_(layer.mlp.router.gate.weight)  # a uniform router
+    tokens = torch.randint(0, 64, (2, 17))
+    torch.testing.assert_close(ce(moe, tokens), ce(dense, tokens), rtol=1e-6, atol=0)
+    torch.testing.assert_close(moe(tokens)[0], dense(tokens)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(moe.tok_embeddings.weight, dense.tok_embeddings.weight)
+    assert torch.equal(moe.layers[1].attn.q_proj.bias, dense.layers[1].attn.q_proj.bias)
+
+
+def test_narrow_experts_are_hidden_slices_that_sum_to_the_dense_mlp(tmp_path):
+    dense = seeded(DENSE)
+    moe = upcycled(moe_cfg(num_experts=8, expert_hidden_dim=32), save_dense(tmp_path / "model.pt", dense))
+    experts, mlp = moe.layers[0].mlp.experts, dense.layers[0].mlp
+    x = torch.randn(5, 64)
+    outs = experts(x.repeat(8, 1), torch.full((8,), 5)).view(8, 5, 64)  # every row through every expert
+    torch.testing.assert_close(outs[:4].sum(0), mlp(x), rtol=1e-5, atol=1e-6)  # slices 0..3
+    torch.testing.assert_close(outs[4:], outs[:4], rtol=0, atol=0)  # expert e = slice e mod 4
+
+
+def test_noise_separates_the_copies(tmp_path):
+    path = save_dense(tmp_path / "model.pt", seeded(DENSE))
+    w = upcycled(moe_cfg(expert_hidden_dim=128), path, noise=0.1).layers[0].mlp.experts.w_gate_up
+    clean = upcycled(moe_cfg(expert_hidden_dim=128), path).layers[0].mlp.experts.w_gate_up
+    relative = (w - clean).std() / clean.std()
+    assert 0.08 < relative < 0.12 and not torch.equal(w[0], w[1])
+    again = upcycled(moe_cfg(expert_hidden_dim=128), path, noise=0.1).layers[0].mlp.experts.w_gate_up
+    assert torch.equal(w, again)  # from the seed
+
+
+def test_a_checkpoint_that_does_not_fit_names_its_keys(tmp_path):
+    sd = seeded(DENSE).state_dict()
+    sd["layers.0.attn.extra"] = torch.zeros(1)
+    del sd["norm.scale"]
+    sd["tok_embeddings.weight"] = torch.zeros(65, 64)
+    torch.save({"model": sd}, tmp_path / "bad.pt")
+    target = seeded(moe_cfg(expert_hidden_dim=48))  # 128 is not a multiple of 48
+    with pytest.raises(ConfigError) as err:
+        upcycle(load_dense(tmp_path / "bad.pt"), target, source="bad.pt")
+    msg = str(err.value)
+    assert msg.startswith("model.init_from: bad.pt does not fit the model: missing norm.scale; ")
+    for part in ("unexpected layers.0.attn.extra", "tok_embeddings.weight (65, 64) vs the model's (64, 64)",
+                 "not a multiple of the experts' 48"):  # fmt: skip
+        assert part in msg
+
+    torch.save({"model": sd, "config": ModelConfig()}, tmp_path / "pickled.pt")  # needs unpickling code
+    with pytest.raises(ConfigError, match=r"pickled.pt: cannot be loaded with weights_only=True"):
+        load_dense(tmp_path / "pickled.pt")
+    with pytest.raises(ConfigError, match=r"nope: no such file or directory"):
+        load_dense(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"^model.init_from: .*nope: no such file or directory"):
+        load_config(None, ["data.train_dirs=[x]", "eval.interval=0", f"model.init_from={tmp_path / 'nope'}"])
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_hugging_face_qwen2_directory_maps_by_role(tmp_path, shard):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                                      tie_word_embeddings=True, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB" if shard else "1GB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == shard
+    ours = seeded(DENSE)
+    ours.load_state_dict(dict(upcycle(load_dense(tmp_path / "hf"), ours)))
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens)[0], hf(tokens).logits, rtol=1e-4, atol=1e-5)
+
+
+def _dense_and_upcycled_first_steps(rank, world, train_dir, root, dense_path):
+    for name, extra in (("dense", ["model.name=tiny_dense"]), ("moe", ["model.moe.expert_hidden_dim=128"])):
+        overrides = [f"data.train_dirs=[{train_dir}]", "data.val_dirs=[]", "eval.interval=0", "data.seq_len=16",
+                     "micro_batch_size=2", "steps=1", "logging.interval=1", "logging.expert_interval=0",
+                     "checkpoint.export_final=false", f"model.init_from={dense_path}",
+                     f"output_dir={root}/{name}", *extra]  # fmt: skip
+        train_mod.train(load_config(CONFIG, overrides), rank, world, rank)
+
+
+@pytest.mark.slow
+def test_training_starts_from_the_dense_loss(shards, tmp_path):
+    """Through train(): sharded on 2 ranks, the upcycled MoE's first-step loss is the dense one's."""
+    dense = seeded(ModelConfig(name="tiny_dense", vocab_size=151_936, max_seq_len=512), seed=7)  # not train's seed
+    path = save_dense(tmp_path / "model.pt", dense)
+    run_distributed(_dense_and_upcycled_first_steps, str(shards[0]), str(tmp_path), str(path))
+    first = {}
+    for name in ("dense", "moe"):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        first[name] = next(r["loss/ce"] for r in records if "loss/ce" in r)
+    assert first["moe"] == pytest.approx(first["dense"], rel=1e-6)
