@@ -147,6 +147,10 @@ class IoERouter(Router):
     therefore initialised with std s * sqrt(E): the merged expert at init is N(0, s^2), the scale
     of the dense MLP of the same width.
 
+    With `ioe_document_reset` the model passes doc_start [B, S] (True where a document starts) and
+    a segment whose predecessor holds (part of) another document is routed by the prior too: the
+    first whole segment of every packed document starts from the prior, as segment 0 does.
+
     Losses are over the B * (N - 1) routed segments (zero if N = 1; the prior is not routed):
     z-loss of their logits, and the Switch loss with f_e the fraction of routed segments whose
     largest weight is e (over this micro-batch, or all ranks with `reduce_counts`). Statistics:
@@ -193,21 +197,44 @@ class IoERouter(Router):
         logits = F.linear(summary, self.gate.weight.float()).reshape(-1, e)  # [B*(N-1), E]
         probs = logits.softmax(dim=-1)  # [B*(N-1), E]
         prior = self.prior.float().softmax(dim=-1).expand(b, 1, e)  # [B, 1, E]
-        g = torch.cat([prior, probs.view(b, n - 1, e)], dim=1)  # [B, N, E] weights of segment s
+        routed = probs.view(b, n - 1, e)  # [B, N-1, E] weights of segments 1..N-1
+        keep = None  # [B*(N-1)] 1.0 where a segment is routed by its predecessor
+        if doc_start is not None and n > 1:
+            reset = _document_resets(doc_start, seg, n)  # [B, N-1]
+            routed = torch.where(reset[..., None], prior, routed)
+            keep = (~reset).reshape(-1).float()
+        g = torch.cat([prior, routed], dim=1)  # [B, N, E] weights of segment s
 
         out = experts.merged_swiglu(xs.reshape(b * n, seg, d), g.reshape(b * n, e), self.merge_chunk)  # [B*N, L, D]
         out = out.view(b, n * seg, d)[:, :s]  # [B, S, D]
 
         zero = x.new_zeros((), dtype=torch.float32)
         if n > 1:
-            router_loss = self.z_loss_coef * z_loss(logits)
-            aux_loss = load_balancing_loss(probs, _count(probs.argmax(dim=-1), e), reduce_counts)
+            router_loss = self.z_loss_coef * z_loss(logits, keep)
+            top = probs.argmax(dim=-1)  # [B*(N-1)]
+            if keep is None:
+                counts = _count(top, e)
+            else:  # reset segments are routed by the prior: they count as segment 0 does, not at all
+                counts = torch.zeros(e, dtype=torch.float32, device=x.device).scatter_add_(0, top, keep)
+            aux_loss = load_balancing_loss(probs, counts, reduce_counts, keep)
         else:
             router_loss, aux_loss = zero, zero
         seg_tokens = torch.full((n,), seg, dtype=torch.float32, device=x.device)  # [N]
         seg_tokens[-1] = s - (n - 1) * seg
         tokens_per_expert = (g.detach() * seg_tokens[:, None]).sum(dim=(0, 1))  # [E]
         return Routed(out, router_loss, aux_loss, tokens_per_expert, entropy(g.reshape(-1, e)).detach())
+
+
+def _document_resets(doc_start: Tensor, seg: int, n: int) -> Tensor:
+    """Which of segments 1..N-1 must not be routed by their predecessor: [B, N-1] bool.
+
+    doc_start: [B, S]. Segment s (tokens [sL, sL + L)) is routed by the mean of segment s - 1 only
+    if segment s - 1 and token sL belong to one document: no document starts in (sL - L, sL].
+    Depends on doc_start up to sL, itself set by token sL - 1: still causal.
+    """
+    b, s = doc_start.shape
+    starts = F.pad(doc_start, (0, n * seg - s)).view(b, n, seg)  # [B, N, L], the padded tail False
+    return starts[:, :-1, 1:].any(dim=-1) | starts[:, 1:, 0]  # [B, N-1]
 
 
 class TopKBiasRouter(TopKRouter):

@@ -69,6 +69,31 @@ def test_block_causal_equals_each_document_run_alone(name):
     assert not torch.allclose(crossing(packed)[0][0, first : first + 9], alone[0], atol=1e-3)
 
 
+def test_ioe_document_reset_with_block_causal_equals_each_document_alone():
+    # Documents that fill whole segments: with the reset, each one's first segment takes the prior
+    # and its later segments are routed by its own tokens only, exactly as when run alone.
+    cfg = ModelConfig(name="tiny_moe", vocab_size=64, eos_id=EOS, attention="block_causal",
+                      moe=MoEConfig(num_experts=4, router="ioe", ioe_segment_len=4, ioe_document_reset=True))  # fmt: skip
+    model = seeded(cfg)
+    with torch.no_grad():
+        model.layers[0].mlp.router.prior.normal_()  # a prior unlike the gate's choices
+        model.layers[1].mlp.router.prior.normal_()
+    rows = [documents([8, 4, 12], seed=3), documents([16, 8], seed=4)]  # 24 tokens, 6 segments each
+    packed = torch.stack([torch.cat(docs) for docs in rows])
+    logits, _, _ = model(packed)
+    for b, docs in enumerate(rows):
+        start = 0
+        for doc in docs:
+            alone, _, _ = model(doc[None])
+            torch.testing.assert_close(logits[b, start : start + len(doc)], alone[0], rtol=1e-5, atol=1e-5)
+            start += len(doc)
+
+    no_reset = copy.deepcopy(model)
+    no_reset.document_reset = False  # routes the second document by the first one's tail
+    alone, _, _ = model(rows[0][1][None])
+    assert not torch.allclose(no_reset(packed)[0][0, 8:12], alone[0], atol=1e-4)
+
+
 def test_block_causal_blocks_compile_without_graph_breaks():
     model = seeded(MODELS["tiny_moe"]).to(torch.bfloat16)
     compiled = copy.deepcopy(model)
@@ -102,8 +127,8 @@ def test_flex_attention_block_mask_equals_each_document_alone():
 
 @pytest.mark.parametrize(
     "override,key",
-    [("model.attention=sliding", "model: attention"),
-     ("model.moe.ioe_document_reset=true", "model.moe: ioe_document_reset")],  # fmt: skip
+    [("model.attention=sliding", "^model.attention: must be one of"),
+     ("model.moe.ioe_document_reset=true", "^model.moe.ioe_document_reset: applies to router 'ioe' only")],  # fmt: skip
 )
 def test_config_rejects_bad_document_options(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -232,6 +232,31 @@ def test_ioe_starts_at_the_scale_of_a_dense_mlp():
     assert 0.7 < ratio < 1.4, ratio  # at init scale 1 it would be 8^-1.5 = 0.044
 
 
+def test_ioe_document_reset_routes_by_the_prior_after_a_boundary():
+    moe = make_moe(router="ioe", num_experts=3, ioe_segment_len=4, z_loss_coef=0.5)
+    x = torch.randn(1, 18, D)  # segments [0,4) [4,8) [8,12) [12,16) [16,18)
+    doc_start = torch.zeros(1, 18, dtype=torch.bool)
+    doc_start[0, [0, 4, 6, 12]] = True  # 4: starts segment 1 with its own doc; 6: inside segment 1
+    routed = moe.router(x, moe.experts, None, doc_start)
+    # segment 1: token 4 starts a document -> prior; 2: segment 1 holds a start after its first
+    # token -> prior; 3: token 12 starts a document -> prior; 4: segment 3 is one document -> routed
+    reset = [True, True, True, True, False]
+    gate, prior = moe.router.gate.weight, torch.softmax(moe.router.prior, -1)
+    for s, by_prior in enumerate(reset):
+        g = prior if by_prior else torch.softmax(gate @ x[0, 4 * s - 4 : 4 * s].mean(0), -1)
+        w_gu = torch.einsum("e,edh->dh", g, moe.experts.w_gate_up)
+        w_d = torch.einsum("e,ehd->hd", g, moe.experts.w_down)
+        gate_up = x[0, 4 * s : 4 * s + 4] @ w_gu
+        torch.testing.assert_close(routed.out[0, 4 * s : 4 * s + 4], (F.silu(gate_up[:, :H]) * gate_up[:, H:]) @ w_d)
+    logits = gate @ x[0, 12:16].mean(0)  # the one routed segment: the losses cover it alone
+    torch.testing.assert_close(routed.router_loss, 0.5 * torch.logsumexp(logits, -1) ** 2)
+    torch.testing.assert_close(routed.aux_loss, 3 * logits.softmax(-1).max())
+
+    only_first = torch.zeros(1, 18, dtype=torch.bool)
+    only_first[0, 0] = True  # one document: the same as no reset
+    torch.testing.assert_close(moe.router(x, moe.experts, None, only_first).out, moe(x)[0], rtol=0, atol=0)
+
+
 def test_ioe_losses_and_stats():
     moe = make_moe(router="ioe", num_experts=4, ioe_segment_len=4, z_loss_coef=0.5)
     x = torch.randn(2, 11, D)  # 3 segments, the last of 3 tokens: 2 x 2 routed segments
