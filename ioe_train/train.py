@@ -19,14 +19,14 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader
-from ioe_train.loss import microbatch_loss, per_source_sums, token_ce_sum, total_loss
+from ioe_train.evaluate import loss_sums, losses_from_sums
+from ioe_train.loss import microbatch_loss, token_ce_sum, total_loss
 from ioe_train.metrics import (
     MetricsLogger,
     flops_per_token,
@@ -120,29 +120,13 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
     return StepResult(ce, aux, router, total, grad_norm, finite, load_np, entropy_np)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, eval_set: EvalSet, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """Validation loss per label token, overall and per pile_set_name (all ranks' samples)."""
-    model.eval()
-    n = len(eval_set.source_names)
-    sums = torch.zeros(n, dtype=torch.float64, device=device)
-    counts = torch.zeros(n, dtype=torch.float64, device=device)
-    batch_size = cfg.eval.batch_size or cfg.micro_batch_size
-    for batch in eval_set.batches(batch_size, cfg.eval.max_batches):
-        logits, _, _ = model(batch["input_ids"].to(device))
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(device).flatten(),
-                                 reduction="none")  # [B*S]  # fmt: skip
-        s, c = per_source_sums(losses, batch["source_ids"].to(device), n)
-        sums += s
-        counts += c
+    sums, counts = loss_sums(model, eval_set, cfg.eval.batch_size or cfg.micro_batch_size,
+                             cfg.eval.max_batches, device)  # fmt: skip
     dist.all_reduce(sums)
     dist.all_reduce(counts)
-    model.train()
-    out = {"val/loss": (sums.sum() / counts.sum().clamp(min=1)).item()}
-    for i, name in enumerate(eval_set.source_names):
-        if counts[i] > 0:
-            out[f"val/loss/{name}"] = (sums[i] / counts[i]).item()
-    return out
+    return losses_from_sums(sums, counts, eval_set.source_names)
 
 
 def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict[str, float]:
@@ -182,7 +166,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(data_state)
         step, skipped = state["step"], state["skipped_steps"]
-    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step)
+    tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
+    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step)
     if rank == 0:
         (out / "config.yaml").write_text(cfg.to_yaml())
     arch = model.arch
@@ -192,7 +177,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
              f"per token; {world_size} ranks on {device.type}; "
              + (f"resumed at step {step}" if step else "starting"))  # fmt: skip
     eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
-    tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
 
     batches = iter(loader)
     metrics: dict[str, float] = {}

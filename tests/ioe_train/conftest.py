@@ -26,6 +26,15 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
+@pytest.fixture(scope="session")
+def domain_windows(tmp_path_factory) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) windows [N, 65] of the domains proxy, word tokenizer (tests/ioe_train/proxy.py)."""
+    from tests.ioe_train.proxy import make_domain_shards, windows
+
+    train, val = make_domain_shards(tmp_path_factory.mktemp("domains"))
+    return windows(train), windows(val)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: intra-op threads only add sync cost (and thrash when the cores are shared)."""
