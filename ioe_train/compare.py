@@ -126,6 +126,14 @@ def compare_runs(run_dirs: list[Path], allow_mismatch: bool = False) -> tuple[in
     return equal, [summarise(d, equal, records, cfg, prints) for d, cfg, records, prints in loaded]
 
 
+def _si(value: float) -> str:
+    """1234567 -> "1.23M": parameter and FLOP counts from tiny CPU models to the 0.5B run."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -137,15 +145,15 @@ def markdown(equal_tokens: int, runs: list[RunSummary]) -> str:
         "before that, best = the lowest up to it; load share and entropy: mean over layers of the "
         "last expert summary (balanced share = 1/E).",
         "",
-        "| run | router | params (total / active) | GFLOPs/token | tokens seen | val loss | best val "
+        "| run | router | params (total / active) | FLOPs/token | tokens seen | val loss | best val "
         "| tokens/s | max load share | router entropy |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         b = r.budget
         lines.append(
-            f"| {r.name} | {r.router} | {b.total_params / 1e6:.2f}M / {b.active_params / 1e6:.2f}M "
-            f"| {b.flops_per_token / 1e9:.4f} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
+            f"| {r.name} | {r.router} | {_si(b.total_params)} / {_si(b.active_params)} "
+            f"| {_si(b.flops_per_token)} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
             f"| {_fmt(r.best_val_loss, '.4f')} | {_fmt(r.tokens_per_s, ',.0f')} "
             f"| {_fmt(r.max_load_share, '.3f')} | {_fmt(r.router_entropy, '.3f')} |"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def load_model(run_dir: Path) -> tuple[Decoder, TrainConfig, int]:
         raise RunError(f"{run_dir}: no checkpoint and no final/model.pt readable with weights_only=True")
     path = run_dir / "checkpoints" / f"step_{steps[-1]:06d}"
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))  # no process group: DCP reads on this one process
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(path))
     _load_state(model, state["model"], path)
     return model.eval(), cfg, steps[-1]
 
@@ -108,6 +111,11 @@ def run_tokenizer(cfg: TrainConfig) -> Any:
         return ds.load_tokenizer(name[3:] if name.startswith("hf:") else None)  # "hf:PATH": its files
     except (ShardError, TokenizerError) as e:
         raise RunError(f"data.train_dirs: {e}") from None
+
+
+def run_tokenizer_fingerprint(cfg: TrainConfig) -> str | None:
+    """The fingerprint of the tokenizer of the run's training shards (None for streaming data)."""
+    return data_fingerprints(cfg)["tokenizer"] or None
 
 
 def data_fingerprints(cfg: TrainConfig) -> dict[str, str]:
