@@ -177,7 +177,7 @@ def plot(runs: list[RunSummary], path: Path, equal_tokens: int) -> Path:
     """PNG of validation loss vs training tokens, one line per run (the whole run)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    fig = Figure(figsize=(7, 4.5), dpi=150, layout="constrained")
+    fig = Figure(figsize=(7, 4.5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     for r in runs:
         if r.curve:
