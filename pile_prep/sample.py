@@ -80,7 +80,8 @@ def write_sample_corpus(
 
 
 def _write_jsonl_zst(path: Path, lines: list[str]) -> Path:
-    path.write_bytes(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(("\n".join(lines) + "\n").encode()))
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data))
     return path
 
 
