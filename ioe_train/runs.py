@@ -63,9 +63,10 @@ def load_model(run_dir: Path) -> tuple[Decoder, TrainConfig, int]:
 
     Weights: final/model.pt when it is at least as new as the newest checkpoint, else that DCP
     checkpoint. final/model.pt is read with `weights_only=True` (a file from elsewhere cannot run
-    code); the export format before it held plain types ({"model", "model_config", "step"} with
-    a dataclass inside) fails that load, and the checkpoint, always written at the same last step,
-    is read instead.
+    code): {"model": state_dict, "model_config": plain dict, "step": int}. This project's older
+    export (a ModelConfig dataclass inside) fails that load; then the checkpoint, which the
+    trainer always writes at the same last step, is read instead. The model comes from
+    config.yaml either way.
     """
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
