@@ -86,3 +86,77 @@ def export_cmd(run_dir, output, step, fmt, dtype) -> None:
     except (ExportError, ConfigError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}")
+
+
+@main.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write compare.md, compare.json and val_loss.png here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
+@click.option("--allow-mismatch", is_flag=True, help="Compare runs whose data or tokenizer differ.")
+def compare_cmd(run_dirs, out, as_json, allow_mismatch) -> None:
+    """Runs side by side at equal tokens: budgets, val loss (per source), speed, expert balance."""
+    from ioe_train.compare import write_comparison
+    from ioe_train.runs import RunError
+
+    try:
+        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json), nl=False)
+    except RunError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("sample")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--tokens", type=click.IntRange(min=1), default=64, show_default=True, help="New tokens at most.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
+    """Print a continuation of PROMPT by the run's newest weights (CPU; stops at EOS)."""
+    from ioe_train.generate import generate
+    from ioe_train.runs import RunError, load_model, run_tokenizer
+
+    try:
+        model, cfg, step = load_model(run_dir)
+        tok = run_tokenizer(cfg)
+    except RunError as e:
+        raise click.ClickException(str(e)) from None
+    ids = tok.encode(prompt)
+    if not ids:
+        raise click.UsageError("--prompt: encodes to no tokens")
+    out = generate(model, ids, tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   context=cfg.data.seq_len, allowed=tok.vocab_size, stop_id=tok.eos_id)  # fmt: skip
+    click.echo(f"[{run_dir}, step {step}] ", nl=False, err=True)
+    click.echo(prompt + tok.decode([i for i in out if i != tok.eos_id]))
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", "dirs", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Shard directory (repeatable: read as one dataset).")
+@click.option("--batches", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Micro-batches to evaluate; 0: every window.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_cmd(run_dir, dirs, batches, as_json) -> None:
+    """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU)."""
+    import json
+
+    from ioe_train.evaluate import evaluate_dirs
+    from ioe_train.runs import RunError, load_model, run_tokenizer_fingerprint
+    from pile_prep.reader import ShardDataset, ShardError
+
+    try:
+        model, cfg, step = load_model(run_dir)
+        ShardDataset(list(dirs), expect_fingerprint=run_tokenizer_fingerprint(cfg))
+        losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len,
+                               cfg.eval.batch_size or cfg.micro_batch_size, batches)  # fmt: skip
+    except (RunError, ShardError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({"run": str(run_dir), "step": step, **losses}, indent=2))
+        return
+    click.echo(f"{run_dir} (step {step}): val loss {losses['val/loss']:.4f}")
+    for key, value in losses.items():
+        if key.count("/") == 2:
+            click.echo(f"  {key.split('/', 2)[2]:<24} {value:.4f}")

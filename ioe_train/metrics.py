@@ -23,19 +23,35 @@ def memory_gib(device: torch.device) -> float:
     return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
 
 
-def heatmap(load: np.ndarray, cell: int = 24) -> np.ndarray:
-    """RGB image [3, L*cell, E*cell] of each layer's share of tokens per expert (rows sum to 1).
-
-    Colour runs dark blue (no tokens) -> green (1/E, balanced) -> yellow (>= 2/E, overloaded):
-    a collapsed layer shows as one yellow cell in a dark row.
-    """
+def expert_summary(load: np.ndarray, entropy: np.ndarray) -> dict[str, float]:
+    """metrics.jsonl's expert balance: each layer's max load share (1/E = balanced, 1 = one
+    expert takes everything; top-K counts routed slots, so K > 1 caps it at 1/K) and router
+    entropy (nats; ln E = uniform), and their means over layers."""
     shares = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)  # [L, E]
-    x = np.clip(shares * load.shape[1] / 2, 0, 1)  # 0.5 = balanced
-    stops = np.array([[0.05, 0.05, 0.35], [0.1, 0.7, 0.4], [1.0, 0.9, 0.1]])  # at 0, 0.5, 1
-    t = x[..., None] * 2  # [L, E, 1] in [0, 2]
-    rgb = np.where(t < 1, stops[0] + (stops[1] - stops[0]) * t, stops[1] + (stops[2] - stops[1]) * (t - 1))
-    img = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)  # [L*cell, E*cell, 3]
-    return img.transpose(2, 0, 1).astype(np.float32)
+    out = {"experts/max_share": float(shares.max(axis=1).mean()), "experts/entropy": float(entropy.mean())}
+    for layer in range(load.shape[0]):
+        out[f"experts/max_share/layer_{layer:02d}"] = float(shares[layer].max())
+        out[f"experts/entropy/layer_{layer:02d}"] = float(entropy[layer])
+    return out
+
+
+def heatmap_figure(load: np.ndarray) -> Any:
+    """A matplotlib Figure of each layer's share of tokens per expert [L, E], with layer and
+    expert labels and a colour scale (0 to at least 2/E: balanced is the middle of the scale)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    shares = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)  # [L, E]
+    layers, experts = shares.shape
+    fig = Figure(figsize=(1.6 + 0.35 * experts, 1.0 + 0.25 * layers), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="viridis", vmin=0, vmax=max(2 / experts, float(shares.max())),
+                      aspect="auto", interpolation="nearest")  # fmt: skip
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(experts))
+    ax.set_yticks(range(0, layers, max(1, layers // 12)))
+    fig.colorbar(image, ax=ax, label=f"share of tokens (balanced {1 / experts:.3f})")
+    return fig
 
 
 class MetricsLogger:
@@ -43,10 +59,13 @@ class MetricsLogger:
 
     `start_step`: the step a resumed run continues after; records past it from the run that was
     interrupted are dropped (jsonl rewritten, TensorBoard purged) so curves show one history.
+    Every jsonl record also holds "tokens", the training tokens seen by its step (all ranks), so
+    runs of other batch sizes or rank counts line up (`ioe-train compare`).
     """
 
-    def __init__(self, output_dir: Path, rank: int, tensorboard: bool, start_step: int):
+    def __init__(self, output_dir: Path, rank: int, tensorboard: bool, start_step: int, tokens_per_step: int):
         self.rank = rank
+        self.tokens_per_step = tokens_per_step
         self.writer = None
         self.path = output_dir / "metrics.jsonl"
         if rank != 0:
@@ -64,23 +83,33 @@ class MetricsLogger:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        self._append(step, values)
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
     def experts(self, step: int, load: np.ndarray, entropy: np.ndarray) -> None:
-        """load: [L, E] tokens per expert summed over the step and ranks; entropy: [L] nats."""
-        if self.rank != 0 or self.writer is None:
+        """load: [L, E] tokens per expert summed over the step and ranks; entropy: [L] nats.
+
+        metrics.jsonl gets `expert_summary`; TensorBoard also each expert's share and a heatmap.
+        """
+        if self.rank != 0:
             return
+        summary = expert_summary(load, entropy)
+        self._append(step, summary)
+        if self.writer is None:
+            return
+        for key, value in summary.items():
+            self.writer.add_scalar(key, value, step)
         shares = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)
         for layer in range(load.shape[0]):
-            self.writer.add_scalar(f"experts/entropy/layer_{layer:02d}", entropy[layer], step)
-            self.writer.add_scalar(f"experts/max_share/layer_{layer:02d}", shares[layer].max(), step)
             for e in range(load.shape[1]):
                 self.writer.add_scalar(f"experts/load/layer_{layer:02d}/expert_{e:02d}", shares[layer, e], step)
-        self.writer.add_image("experts/load_heatmap", heatmap(load), step)
+        self.writer.add_figure("experts/load_heatmap", heatmap_figure(load), step, close=False)
+
+    def _append(self, step: int, values: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "tokens": step * self.tokens_per_step, **values}) + "\n")
 
     def line(self, text: str) -> None:
         if self.rank == 0:

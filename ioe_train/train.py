@@ -26,7 +26,8 @@ from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader, prepare_mixture
 from ioe_train.devices import peak_flops
-from ioe_train.loss import microbatch_loss, per_source_sums, total_loss
+from ioe_train.evaluate import loss_sums, losses_from_sums
+from ioe_train.loss import microbatch_loss, total_loss
 from ioe_train.metrics import MetricsLogger, format_line, memory_gib
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.moe import balances_from_load, update_router_biases
@@ -127,27 +128,13 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
     return StepResult(ce, aux, router, total, grad_norm, finite, load_np, entropy_np)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, eval_set: EvalSet, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """Validation loss per label token, overall and per pile_set_name (all ranks' samples)."""
-    model.eval()
-    n = len(eval_set.source_names)
-    sums = torch.zeros(n, dtype=torch.float64, device=device)
-    counts = torch.zeros(n, dtype=torch.float64, device=device)
-    batch_size = cfg.eval.batch_size or cfg.micro_batch_size
-    for batch in eval_set.batches(batch_size, cfg.eval.max_batches):
-        losses, _, _ = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="none")  # [B, S]
-        s, c = per_source_sums(losses, batch["source_ids"].to(device), n)
-        sums += s
-        counts += c
+    sums, counts = loss_sums(model, eval_set, cfg.eval.batch_size or cfg.micro_batch_size,
+                             cfg.eval.max_batches, device)  # fmt: skip
     dist.all_reduce(sums)
     dist.all_reduce(counts)
-    model.train()
-    out = {"val/loss": (sums.sum() / counts.sum().clamp(min=1)).item()}
-    for i, name in enumerate(eval_set.source_names):
-        if counts[i] > 0:
-            out[f"val/loss/{name}"] = (sums[i] / counts[i]).item()
-    return out
+    return losses_from_sums(sums, counts, eval_set.source_names)
 
 
 def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict[str, float]:
@@ -193,7 +180,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(data_state)
         step, skipped = state["step"], state["skipped_steps"]
-    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step)
+    tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
+    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step)
     if rank == 0:
         (out / "config.yaml").write_text(cfg.to_yaml())
     fpt = flops_per_token(model, cfg.data.seq_len)
@@ -203,7 +191,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
              + (f"resumed at step {step}" if step else "starting")
              + (f" from {cfg.model.init_from}" if cfg.model.init_from and not step else ""))  # fmt: skip
     eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
-    tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
 
     # topk_bias routers update from every step's global load, not only on expert_interval steps.
     load_every_step = balances_from_load(model)

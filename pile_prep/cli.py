@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from pile_prep.sample import write_sample_corpus
+from pile_prep.sample import (
+    DOMAIN_TOKENIZER,
+    DOMAIN_WORDS,
+    VAL_STREAM,
+    DomainCorpus,
+    write_domain_corpus,
+    write_sample_corpus,
+)
 from pile_prep.tokenize import DEFAULT_SHARD_BYTES, TokenizeError, TokenizeOptions, tokenize
 from pile_prep.tokenizer import DEFAULT_TOKENIZER, TokenizerError
 
@@ -68,14 +75,39 @@ def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_
 
 @main.command("sample")
 @click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(["text", "domains"]), default="text", show_default=True,
+              help="text: mixed synthetic text (tokenizer cases); domains: the router research proxy "
+                   "(K hidden Markov-chain domains; docs/MOE.md#the-domains-proxy).")
 @click.option("--files", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--docs", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Documents per training file (val gets a tenth).")
+@click.option("--domains", type=click.IntRange(min=1), default=DomainCorpus.domains, show_default=True,
+              help="domains: K, the hidden domains (pile_set_name domain_00..).")
+@click.option("--words", type=click.IntRange(min=1, max=len(DOMAIN_WORDS)), default=DomainCorpus.words,
+              show_default=True, help="domains: V, the shared word set.")
+@click.option("--successors", type=click.IntRange(min=1), default=DomainCorpus.successors,
+              show_default=True, help="domains: b, the successors of a word in one domain.")
+@click.option("--mean-words", type=click.FloatRange(min=1), default=DomainCorpus.mean_words,
+              show_default=True, help="domains: mean document length in words.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def sample_cmd(directory, files, docs, seed) -> None:
+def sample_cmd(directory, kind, files, docs, domains, words, successors, mean_words, seed) -> None:
     """Write a small synthetic Pile-format corpus (00.jsonl.zst.., val.jsonl.zst)."""
-    for path in write_sample_corpus(directory, files, docs, seed):
+    if kind == "text":
+        paths = write_sample_corpus(directory, files, docs, seed)
+    else:
+        try:
+            corpus = DomainCorpus(domains, words, successors, mean_words, seed)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        paths = write_domain_corpus(directory, corpus, files, docs)
+    for path in paths:
         click.echo(f"{path} ({path.stat().st_size:,} bytes)")
+    if kind == "domains":
+        val = corpus.documents(max(1, docs // 10), VAL_STREAM)
+        click.echo(f"best loss per token: {corpus.entropy_rate():.4f} nats knowing each document's domain; "
+                   f"{corpus.bayes_loss(val):.4f} on val.jsonl.zst inferring it from the document so far. "
+                   f"Tokenize with --tokenizer {directory / DOMAIN_TOKENIZER} (vocabulary {words + 1}) "
+                   "or the default qwen2.5 (one token per word either way).")
 
 
 @main.command("inspect")

@@ -26,6 +26,22 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
+@pytest.fixture(scope="session")
+def domain_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """(train, val) shard dirs of the domains proxy, word tokenizer (tests/ioe_train/proxy.py)."""
+    from tests.ioe_train.proxy import make_domain_shards
+
+    return make_domain_shards(tmp_path_factory.mktemp("domains"))
+
+
+@pytest.fixture(scope="session")
+def domain_windows(domain_shards) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) windows [N, 65] of the domains proxy."""
+    from tests.ioe_train.proxy import windows
+
+    return windows(domain_shards[0]), windows(domain_shards[1])
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: intra-op threads only add sync cost (and thrash when the cores are shared)."""

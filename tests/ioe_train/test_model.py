@@ -27,6 +27,7 @@ from ioe_train.model import (
     tiny_moe,
 )
 from ioe_train.moe import MoE, MoEConfig
+from tests.ioe_train.proxy import SEQ_LEN, VOCAB, train_and_validate
 
 ROUTER_CFGS = {
     "topk": MoEConfig(num_experts=4, top_k=2, jitter=0.1),
@@ -168,23 +169,13 @@ def test_model_is_causal(router):
 
 
 @pytest.mark.parametrize("router", sorted(ROUTER_CFGS))
-def test_tiny_moe_learns(router):
-    """Next token = (5 * token + 3) mod 64: loss falls from ~log 64 to near 0."""
-    model = seeded_tiny(ROUTER_CFGS[router], vocab_size=64)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(60):
-        start = torch.randint(0, 64, (16, 1), generator=gen)
-        tokens = [start]
-        for _ in range(16):
-            tokens.append((5 * tokens[-1] + 3) % 64)
-        loss = loss_of(model, torch.cat(tokens, dim=1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[0] > 3.5 and sum(losses[-5:]) / 5 < 0.5
+def test_tiny_moe_learns(router, domain_windows):
+    """100 steps on the domains proxy: the val loss falls from ln 129 = 4.86 below 2.9. Its best
+    is ~1.0, and most of the way there needs the MoE: with the MoE layers' output zeroed the same
+    run ends at 3.43 (topk) / 3.38 (ioe); working, at ~2.5 (measured on a 2-core Xeon)."""
+    train, val = domain_windows
+    model = seeded_tiny(ROUTER_CFGS[router], vocab_size=VOCAB, max_seq_len=SEQ_LEN)
+    assert train_and_validate(model, train, val, steps=100) < 2.9
 
 
 def _fsdp_worker(rank: int, init_file: str) -> None:

@@ -169,11 +169,15 @@ def test_nonfinite_loss_stops_naming_the_step(shards, tmp_path):
 
 def test_nonfinite_loss_skips_the_step_when_configured(shards, tmp_path):
     out = tmp_path / "skip"
-    run_distributed(_poisoned_run, small(str(shards[0]), str(out), "steps=5", "checkpoint.interval=0"), "skip")
+    run_distributed(_poisoned_run, small(str(shards[0]), str(out), "steps=5", "checkpoint.interval=0",
+                                         "logging.expert_interval=2"), "skip")  # fmt: skip
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss/total" in r]
     assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1, 1]
     assert math.isnan(steps[2]["loss/total"]) and math.isfinite(steps[4]["loss/total"])
+    assert all(r["tokens"] == r["step"] * 2 * B * S for r in records)  # 2 ranks
+    balance = [r for r in records if "experts/max_share" in r]  # ioe-train compare reads these
+    assert [r["step"] for r in balance] == [2, 4] and all(0 < r["experts/entropy"] for r in balance)
 
 
 def _sharded_init_equals_one_process(rank, world):
