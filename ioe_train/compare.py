@@ -17,25 +17,16 @@ from typing import Any
 import torch
 
 from ioe_train.config import TrainConfig
-from ioe_train.metrics import flops_per_token
-from ioe_train.model import build_model, count_params
+from ioe_train.model import build_model
+from ioe_train.plan import Budget, model_budget
 from ioe_train.runs import RunError, data_fingerprints, read_metrics, run_config
 
 
-@dataclass
-class Budget:
-    total_params: int
-    active_params: int  # per token
-    flops_per_token: float  # training (forward + backward)
-
-
-def model_budget(cfg: TrainConfig) -> Budget:
+def run_budget(cfg: TrainConfig) -> Budget:
     """Parameters and training FLOPs per token of the run's model (built on the meta device)."""
     with torch.device("meta"):
         model = build_model(cfg.model)
-    total, active = count_params(model)
-    arch = model.arch
-    return Budget(total, active, flops_per_token(active, arch.num_layers, arch.dim, cfg.data.seq_len))
+    return model_budget(model, cfg.data.seq_len)
 
 
 @dataclass
@@ -76,7 +67,7 @@ def summarise(run_dir: Path, equal_tokens: int | None, records: list[dict[str, A
     speeds = [r["tokens_per_s"] for r in upto if "tokens_per_s" in r]
     balance = [r for r in upto if "experts/max_share" in r]
     summary = RunSummary(
-        name=Path(run_dir).name, path=str(run_dir), router=router_label(cfg), budget=model_budget(cfg),
+        name=Path(run_dir).name, path=str(run_dir), router=router_label(cfg), budget=run_budget(cfg),
         tokens_seen=max(r["tokens"] for r in records), val_loss=None, val_tokens=None, best_val_loss=None,
         tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
         max_load_share=balance[-1]["experts/max_share"] if balance else None,
@@ -152,7 +143,7 @@ def markdown(equal_tokens: int, runs: list[RunSummary]) -> str:
     for r in runs:
         b = r.budget
         lines.append(
-            f"| {r.name} | {r.router} | {_si(b.total_params)} / {_si(b.active_params)} "
+            f"| {r.name} | {r.router} | {_si(b.params_total)} / {_si(b.params_active)} "
             f"| {_si(b.flops_per_token)} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
             f"| {_fmt(r.best_val_loss, '.4f')} | {_fmt(r.tokens_per_s, ',.0f')} "
             f"| {_fmt(r.max_load_share, '.3f')} | {_fmt(r.router_entropy, '.3f')} |"

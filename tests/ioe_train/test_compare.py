@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ioe_train.cli import main as ioe_train
-from ioe_train.compare import compare_runs, model_budget, write_comparison
+from ioe_train.compare import compare_runs, run_budget, write_comparison
 from ioe_train.config import load_config
 from ioe_train.metrics import MetricsLogger, expert_summary
 from ioe_train.runs import RunError
@@ -81,12 +81,12 @@ def test_runs_are_compared_at_the_smallest_tokens_seen(two_runs, tmp_path):
 
 def test_budgets_equal_active_parameters_and_flops():
     cfgs = {n: load_config(CONFIGS / f"proxy_{n}.yaml", ["data.train_dirs=[x]"]) for n in ("dense", "topk", "ioe")}
-    dense, topk, ioe = (model_budget(cfgs[n]) for n in ("dense", "topk", "ioe"))
-    assert dense.total_params == dense.active_params
+    dense, topk, ioe = (run_budget(cfgs[n]) for n in ("dense", "topk", "ioe"))
+    assert dense.params_total == dense.params_active
     routers = 2 * 64 * 16  # layers x dim x experts: the gates, the only extra active weights
-    assert topk.active_params == dense.active_params + routers
-    assert ioe.active_params == dense.active_params + routers + 2 * 16  # + IoE's learned prior [E]
-    assert topk.total_params == dense.total_params + routers + 2 * (16 - 2) * 3 * 64 * 64
+    assert topk.params_active == dense.params_active + routers
+    assert ioe.params_active == dense.params_active + routers + 2 * 16  # + IoE's learned prior [E]
+    assert topk.params_total == dense.params_total + routers + 2 * (16 - 2) * 3 * 64 * 64
     assert topk.flops_per_token - dense.flops_per_token == 6 * routers
 
 
