@@ -126,7 +126,9 @@ class _TrainBatches(Dataset):
 
     def __getitem__(self, start: int) -> Batch:
         windows = read_windows(self.ds, self.samples(start), self.seq_len)  # [B, S + 1]
-        return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
+        # Contiguous: a pinned copy of a strided view stays strided, and its copy to the GPU would
+        # go through a pageable temporary (no overlap with compute).
+        return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
 
 class MemmapLoader:

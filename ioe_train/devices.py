@@ -16,7 +16,7 @@ class Device:
     key: str  # the name `ioe-train plan --device` takes
     name: str  # a substring of torch.cuda.get_device_name (ROCm reports the marketing name too)
     bf16_flops: float  # dense (no sparsity) peak bf16 FLOP/s of one device
-    memory_gib: float
+    memory_gib: float  # nominal capacity (torch reports ~1% less: "80 GB" H100 = 79.1 GiB)
     compute_units: int = 0  # tells devices of one name apart by SMs / CUs per device; 0: any
 
 
@@ -27,12 +27,13 @@ DEVICES = (
     Device("mi250", "MI250X/MI250", 181.0e12, 64, compute_units=104),
     Device("mi300x", "MI300X", 1307e12, 192),
     Device("mi300a", "MI300A", 980.6e12, 128),
+    Device("gh200", "GH200", 989e12, 96),  # before "H200", which its name contains
     Device("h200-nvl", "H200 NVL", 835e12, 141),
     Device("h200", "H200", 989e12, 141),
     Device("h100-nvl", "H100 NVL", 835e12, 94),
     Device("h100-pcie", "H100 PCIe", 756e12, 80),
     Device("h100", "H100", 989e12, 80),  # SXM ("NVIDIA H100 80GB HBM3")
-    Device("a100", "A100", 312e12, 80),
+    Device("a100", "A100", 312e12, 80),  # the 80 GB part; give --device-gib 40 for the other
     Device("l40s", "L40S", 362e12, 48),
 )
 BY_KEY = {d.key: d for d in DEVICES}

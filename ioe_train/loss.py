@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def token_ce_sum(logits: Tensor, labels: Tensor) -> Tensor:
@@ -42,6 +43,10 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk_tokens
                           for hc, yc in zip(h.split(chunk_tokens), labels.split(chunk_tokens))])  # fmt: skip
     if reduction != "sum":
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):  # no gradients to make
+        return sum((F.cross_entropy(F.linear(hc, weight).float(), yc, reduction="sum")
+                    for hc, yc in zip(h.split(chunk_tokens), labels.split(chunk_tokens))),
+                   torch.zeros((), dtype=torch.float32, device=h.device))  # fmt: skip
     return _LinearCrossEntropySum.apply(h, weight, labels, chunk_tokens)
 
 
@@ -68,6 +73,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if want_h or want_w:
                 grad = logits.sub_(lse[:, None]).exp_()  # [C, V] softmax, in place
                 grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0  # d CE / d logits
+                del logits  # the fp32 chunk goes when its h.dtype copy is made
                 grad = grad.to(h.dtype)
                 if want_h:
                     torch.mm(grad, weight, out=grad_h[a : a + chunk_tokens])  # [C, D]
@@ -77,11 +83,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: Tensor):
         grad_h, grad_w, w_dtype = ctx.grads
-        del ctx.grads
-        grad_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
-        grad_w = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
+        ctx.grads = None  # freed with this backward (ctx lives as long as the graph)
+        grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None
+        grad_w = grad_w.mul_(grad_total).to(w_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None
 
 

@@ -100,10 +100,12 @@ class ModelConfig:
             raise ValueError(f"eos_id must be >= 0, got {self.eos_id}")
         if self.init_noise < 0:
             raise ValueError(f"init_noise must be >= 0, got {self.init_noise}")
-        for key in (*_ARCH_OVERRIDES, "ce_chunk_tokens"):
+        for key in _ARCH_OVERRIDES:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1 or None, got {value}")
+        if self.ce_chunk_tokens < 1:
+            raise ValueError(f"ce_chunk_tokens must be >= 1, got {self.ce_chunk_tokens}")
         arch = self.arch()
         if arch.dim % arch.num_heads:
             raise ValueError(f"num_heads must divide dim: {arch.num_heads} heads, dim {arch.dim}")

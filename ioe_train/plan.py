@@ -30,7 +30,6 @@ allocator's fragmentation and the runtime's own buffers (CUDA/HIP context, NCCL/
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -141,8 +140,8 @@ class Plan:
     fits: bool
     max_micro_batch_size: int  # the largest that fits device_gib * FIT_FRACTION (0: none)
     mfu: float
-    step_time_s: float  # at `mfu` of the device's peak bf16 FLOP/s
-    tokens_per_s: float
+    step_time_s: float | None  # at `mfu` of the device's peak bf16 FLOP/s (None on CPU: no peak)
+    tokens_per_s: float | None
 
 
 def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_batch: int) -> dict[str, float]:
@@ -156,7 +155,8 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     reduce_copy = 4 if a != 4 else 0  # bf16 gradients are reduce-scattered in fp32
     ac = cfg.parallel.activation_checkpointing
     v, d, chunk = arch.vocab_size, arch.dim, min(model.ce_chunk_tokens, tokens)
-    acts = arch.num_layers * tokens * activation_bytes_per_token(arch, moe, a, ac)
+    # Every block's saved tensors, and the final RMSNorm's (fp32 input and normed, rstd).
+    acts = arch.num_layers * tokens * activation_bytes_per_token(arch, moe, a, ac) + tokens * (8 * d + 4)
     recompute = 0.0 if ac == "none" else tokens * activation_bytes_per_token(arch, moe, a, "none")
     ce_kept = v * d * 4 + tokens * d * a  # dL/dW fp32 and dL/dh, forward to backward
     ce_chunk = chunk * v * (8 + (2 * a if a != 4 else 0)) + v * d * (a + reduce_copy)
@@ -175,7 +175,7 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     if ioe:
         rows["  of which IoE merged experts"] = ioe
     forward_end = sum(rows[k] for k in list(rows)[:6])
-    backward_peak = sum(rows[k] for k in list(rows)[:5]) + ce_kept + backward
+    backward_peak = sum(rows[k] for k in list(rows)[:5]) + backward  # the loss's buffers are spent by then
     rows["peak"] = max(forward_end, backward_peak)
     return rows
 
@@ -201,8 +201,8 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
     limit = FIT_FRACTION * gib * GIB
     fitting = _largest(lambda b: memory_per_rank(cfg, model, world, a, b)["peak"] <= limit)
     tokens = world * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
-    peak_flops = BY_KEY[device].bf16_flops if device != "cpu" else math.nan
-    step = budget.flops_per_token * tokens / (world * peak_flops * mfu)
+    peak_flops = BY_KEY[device].bf16_flops if device != "cpu" else None
+    step = budget.flops_per_token * tokens / (world * peak_flops * mfu) if peak_flops else None
     router = cfg.model.moe.router if cfg.model.is_moe else "dense"
     return Plan(
         model=cfg.model.name, router=router, **asdict(budget), seq_len=cfg.data.seq_len,
@@ -211,7 +211,7 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
         activation_checkpointing=cfg.parallel.activation_checkpointing,
         memory_gib={k: v / GIB for k, v in mem.items()}, peak_gib_per_rank=mem["peak"] / GIB,
         device=device, device_gib=gib, fits=mem["peak"] <= FIT_FRACTION * gib * GIB,
-        max_micro_batch_size=fitting, mfu=mfu, step_time_s=step, tokens_per_s=tokens / step,
+        max_micro_batch_size=fitting, mfu=mfu, step_time_s=step, tokens_per_s=tokens / step if step else None,
     )  # fmt: skip
 
 
@@ -245,7 +245,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  {key:<34} {value:8.2f}")
     lines.append(f"  -> {fit} in {FIT_FRACTION:.0%} of {p.device_gib:g} GiB; largest micro-batch that fits: "
                  f"{p.max_micro_batch_size}")  # fmt: skip
-    if math.isfinite(p.step_time_s):
+    if p.step_time_s is not None:
         lines.append(f"step time at {p.mfu:.0%} MFU: {p.step_time_s:.2f} s ({p.tokens_per_s / 1e3:,.0f}k tokens/s "
                      f"over {p.world_size} ranks)")  # fmt: skip
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # ROCm archs with a CK grouped-GEMM kernel behind torch._grouped_mm.
 _ROCM_GROUPED_ARCHS = ("gfx942", "gfx950")
@@ -140,15 +141,17 @@ class _MergedSwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, g, w_gate_up, w_down = ctx.saved_tensors
         want_x, want_g, want_gu, want_d = ctx.needs_input_grad[:4]
         dtype = w_gate_up.dtype
         grad_x = torch.empty_like(x) if want_x else None  # [M, L, D]
-        grad_g = torch.empty(g.shape, dtype=torch.float32, device=g.device) if want_g else None  # [M, E]
-        # Summed over chunks in fp32 (bf16 partial sums would round once per chunk).
-        grad_gu = torch.zeros(w_gate_up.shape, dtype=torch.float32, device=x.device) if want_gu else None
-        grad_d = torch.zeros(w_down.shape, dtype=torch.float32, device=x.device) if want_d else None
+        # Summed over chunks in at least fp32 (bf16 partial sums would round once per chunk).
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_g = torch.empty(g.shape, dtype=acc, device=g.device) if want_g else None  # [M, E]
+        grad_gu = torch.zeros(w_gate_up.shape, dtype=acc, device=x.device) if want_gu else None
+        grad_d = torch.zeros(w_down.shape, dtype=acc, device=x.device) if want_d else None
         for a in range(0, x.shape[0], ctx.chunk):
             b = a + ctx.chunk
             xc, gc, dy = x[a:b], g[a:b].to(dtype), grad_out[a:b].to(dtype)  # [m, L, D], [m, E], [m, L, D]
@@ -166,10 +169,10 @@ class _MergedSwiGLU(torch.autograd.Function):
                 torch.bmm(d_gate_up, w_gu.transpose(1, 2), out=grad_x[a:b])
             if want_g:
                 grad_g[a:b] = (torch.einsum("mdh,edh->me", d_w_gu, w_gate_up)
-                               + torch.einsum("mhd,ehd->me", d_w_d, w_down)).float()  # fmt: skip
+                               + torch.einsum("mhd,ehd->me", d_w_d, w_down))  # fmt: skip
             if want_gu:
-                grad_gu += torch.einsum("me,mdh->edh", gc, d_w_gu).float()
+                grad_gu += torch.einsum("me,mdh->edh", gc, d_w_gu)
             if want_d:
-                grad_d += torch.einsum("me,mhd->ehd", gc, d_w_d).float()
+                grad_d += torch.einsum("me,mhd->ehd", gc, d_w_d)
         return (grad_x, grad_g.to(g.dtype) if want_g else None, grad_gu.to(dtype) if want_gu else None,
                 grad_d.to(dtype) if want_d else None, None)  # fmt: skip

@@ -145,7 +145,8 @@ class IoERouter(Router):
     Init: a uniform merge of E independent N(0, s^2) experts has std s / sqrt(E), and a SwiGLU's
     output scales with the cube of its weights' scale (E^-1.5 = 1/22.6 at E = 8). Experts are
     therefore initialised with std s * sqrt(E): the merged expert at init is N(0, s^2), the scale
-    of the dense MLP of the same width.
+    of the dense MLP of the same width. (Exact for the uniform merge of init; as routing sharpens
+    towards one expert the merged weights approach that expert's std s * sqrt(E).)
 
     With `ioe_document_reset` the model passes doc_start [B, S] (True where a document starts) and
     a segment whose predecessor holds (part of) another document is routed by the prior too: the

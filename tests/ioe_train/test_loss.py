@@ -56,6 +56,8 @@ def test_per_token_losses_for_evaluation():
         got = linear_cross_entropy(h, w, labels, 8, reduction="none")
         want = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="none")
     torch.testing.assert_close(got, want)
+    with torch.no_grad():  # the sum without the gradients' matmuls
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels, 8), want.sum())
     with pytest.raises(RuntimeError, match="is for evaluation"):
         linear_cross_entropy(h, w, labels, 8, reduction="none")
 
