@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ioe_train.config import ConfigError, TrainConfig, load_config
+from ioe_train.lock import check_run_dir_free
 
 
 @dataclass
@@ -76,6 +77,8 @@ def launch(opts: LaunchOptions) -> int:
     cfg = load_config(opts.config, opts.overrides)
     check_data(cfg)
     cmd = torchrun_command(opts)
+    if "--standalone" in cmd:  # several nodes' launchers start at different times: rank 0 decides
+        check_run_dir_free(Path(cfg.output_dir))
     env = torchrun_env(cfg)
     if opts.dry_run:
         print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))

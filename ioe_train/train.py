@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader
+from ioe_train.lock import run_dir_lock
 from ioe_train.loss import microbatch_loss, per_source_sums, token_ce_sum, total_loss
 from ioe_train.metrics import (
     MetricsLogger,
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world_size)
     try:
-        train(cfg, rank, world_size, local_rank)
+        with run_dir_lock(Path(cfg.output_dir), rank):  # before anything in output_dir is touched
+            train(cfg, rank, world_size, local_rank)
     except (NonFiniteLossError, ConfigError, DataStateError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
