@@ -52,10 +52,14 @@ def test_multi_node_uses_c10d_rendezvous(shards):
     ("overrides", "message"),
     [(["optim.lr=fast"], "optim.lr: Value 'fast'"),
      (["data.train_dirs=[/nonexistent]"], "data.train_dirs: /nonexistent: no such directory"),
-     (["on_nonfinite=ignore"], "on_nonfinite: 'ignore' is not one of")],
+     (["on_nonfinite=ignore"], "on_nonfinite: 'ignore' is not one of"),
+     (["data.mixture={Books3: 2.0}"], "data.mixture.Books3: not a pile_set_name of data.train_dirs (they hold ArXiv,"),
+     (["model.vocab_size=151000"], "model.vocab_size: 151000 < the vocabulary of data.train_dirs' tokenizer (151665)"),
+     (["data.seq_len=1024"], "data.seq_len: 1024 exceeds model.max_seq_len=512")],
 )  # fmt: skip
 def test_bad_config_fails_before_any_process_starts(shards, monkeypatch, overrides, message):
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched a bad config"))
     result = CliRunner().invoke(main, ["launch", str(CONFIG), *data_overrides(shards), *overrides])
     assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1  # one line
     assert message in result.output
