@@ -68,16 +68,20 @@ def select_device(choice: str, local_rank: int) -> torch.device:
 def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
     """Allocate the sharded (meta) model on `device` and initialise it from `cfg.seed`."""
     model.to_empty(device=device)
-    init_weights(model)  # also rebuilds the RoPE cache
-    if device.type != "cuda":
-        # DTensor's offset-based RNG exists on CUDA/ROCm only: elsewhere every rank draws the same
-        # numbers into its own shard, and twin experts (0 and 4 of 8 on 2 ranks) never separate.
-        # Initialise one full copy from the seed instead and keep this rank's shard of it: the
-        # weights one process would make.
-        full = build_model(cfg.model)
-        torch.manual_seed(cfg.seed)
-        init_weights(full)
-        copy_full_weights(model, full)
+    if device.type == "cuda":
+        init_weights(model)  # also rebuilds the RoPE cache
+        return
+    # DTensor's offset-based RNG exists on CUDA/ROCm only: elsewhere every rank draws the same
+    # numbers into its own shard, and twin experts (0 and 4 of 8 on 2 ranks) never separate.
+    # Initialise one full copy from the seed instead and keep this rank's shard of it: the
+    # weights one process would make (and no random op on a CPU DTensor, which torch warns about).
+    full = build_model(cfg.model)
+    torch.manual_seed(cfg.seed)
+    init_weights(full)
+    copy_full_weights(model, full)
+    with torch.no_grad():
+        for buffer, full_buffer in zip(model.buffers(), full.buffers()):  # the RoPE cache (not sharded)
+            buffer.copy_(full_buffer)
 
 
 def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,

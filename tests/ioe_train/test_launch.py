@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -63,3 +64,12 @@ def test_bad_config_fails_before_any_process_starts(shards, monkeypatch, overrid
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1  # one line
     assert message in result.output
+
+
+def test_launch_prints_only_its_own_lines_and_torchruns_banner(tiny_run):
+    _, console = tiny_run  # `ioe-train launch` of the tiny config, 8 steps on 2 ranks
+    ours = re.compile(r"tiny_moe: .* parameters, .*|step \d/8 \| .*|exported .* to .*")
+    banner = re.compile(r"\**|Setting OMP_NUM_THREADS environment variable for each process .*")
+    lines = console.splitlines()
+    assert [line for line in lines if not ours.fullmatch(line) and not banner.fullmatch(line)] == []
+    assert sum(line.startswith("step ") for line in lines) == 8 + 4  # losses, checkpoints
