@@ -9,8 +9,9 @@ Everything is tensors and plain values, read back with `torch.load(weights_only=
 `.metadata` with an unpickler that knows only DCP's own types: a checkpoint directory copied from
 elsewhere cannot run code on resume (a pickle that tries is refused, naming the file).
 
-Each checkpoint is written to `step_000123.tmp` and renamed by rank 0 after every rank finished:
-a directory with a final name is complete. Interrupted `.tmp` directories are deleted at startup.
+Each checkpoint is written to `step_000123.tmp` and renamed by rank 0 after every rank finished
+(and fsynced its own files): a directory with a final name is complete. `checkpoint.async_save`
+writes it while training goes on (DCP async_save); a kill meanwhile leaves only the `.tmp`. Interrupted `.tmp` directories are deleted at startup.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pickle
 import random
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +125,23 @@ def _load_plain(path: Path) -> Any:
 
 
 class Checkpointer:
-    """Saves and restores one run's checkpoints under `directory` (collective: call on all ranks)."""
+    """Saves and restores one run's checkpoints under `directory` (collective: call on all ranks).
 
-    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int):
+    With `async_save`, `save` returns once the state is copied to host memory and DCP writes it
+    from a background thread while training goes on; the next `save` and `close` wait for it.
+    The background work talks over its own gloo group: its collectives must not interleave with
+    the training's on the default group.
+    """
+
+    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int, async_save: bool = False):
         self.directory, self.keep_last, self.rank, self.world_size = directory, keep_last, rank, world_size
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             for stale in directory.glob("step_*.tmp"):  # a save that a crash interrupted
                 shutil.rmtree(stale)
+        self._group = dist.new_group(backend="gloo") if async_save else None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if async_save else None
+        self._pending: Future[None] | None = None
         dist.barrier()
 
     def steps(self) -> list[int]:
@@ -143,29 +154,61 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any], data_state: dict[str, Any]) -> Path:  # fmt: skip
-        """Write checkpoint `step` atomically, then delete all but the `keep_last` newest."""
+        """Write checkpoint `step` atomically (in the background with async_save), then delete all
+        but the `keep_last` newest. Returns the path it has (or will have) when complete."""
+        self.wait()  # one save in flight: also bounds the host copies to one
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             tmp.mkdir(parents=True)
         dist.barrier()
+        mine = [tmp / f"rank_{self.rank:05d}.pt"]
+        torch.save({"data": data_state, "rng": rng_state()}, mine[0])
+        if self.rank == 0:
+            mine.append(tmp / "train_state.pt")
+            torch.save({**train_state, "step": step, "world_size": self.world_size}, mine[1])
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
+        state = {"model": model_sd, "optim": optim_sd}
+        if self._writer is None:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._commit(tmp, mine, None)
+        else:
+            written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            self._pending = self._writer.submit(self._finish, written, tmp, mine)
+        return final
+
+    def _finish(self, written: Future[Any], tmp: Path, mine: list[Path]) -> None:
+        written.result()  # raises what the DCP writer thread raised
+        self._commit(tmp, mine, self._group)
+
+    def _commit(self, tmp: Path, mine: list[Path], group: dist.ProcessGroup | None) -> None:
+        """Each rank makes its own files durable (DCP fsyncs its .distcp files and .metadata); once
+        all have, rank 0 renames `tmp` to its final name and drops old checkpoints."""
+        for f in mine:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        dist.barrier(group=group)
         if self.rank == 0:
-            torch.save({**train_state, "step": step, "world_size": self.world_size}, tmp / "train_state.pt")
-        dist.barrier()  # every rank's files are on disk
-        if self.rank == 0:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
             fsync_dir(tmp)
-            os.replace(tmp, final)
+            os.replace(tmp, tmp.with_name(tmp.name.removesuffix(".tmp")))
             fsync_dir(self.directory)
             for old in self.steps()[: -self.keep_last]:
                 shutil.rmtree(self.path(old))
-        dist.barrier()
-        return final
+        dist.barrier(group=group)
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written in the background (if any) is complete."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the background save, if any, and stop the writer thread (collective)."""
+        self.wait()
+        if self._writer is not None:
+            self._writer.shutdown()
+            dist.destroy_process_group(self._group)
+            self._writer = self._group = None
 
     def load(self, step: int, model: nn.Module,
              optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip

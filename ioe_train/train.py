@@ -155,6 +155,15 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
 
     Needs an initialised default process group of `world_size` ranks.
     """
+    ckpt = Checkpointer(Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.keep_last, rank, world_size,
+                        async_save=cfg.checkpoint.async_save)  # fmt: skip
+    try:
+        return _train(cfg, rank, world_size, local_rank, ckpt)
+    finally:
+        ckpt.close()  # a checkpoint still being written completes, also when training failed
+
+
+def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: Checkpointer) -> dict[str, float]:
     device = select_device(cfg.device, local_rank)
     mesh = init_device_mesh(device.type, (world_size,))
     out = Path(cfg.output_dir)
@@ -175,7 +184,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
 
-    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world_size)
     step, skipped = 0, 0
     done = ckpt.steps()
     if done and not cfg.checkpoint.resume:
@@ -209,6 +217,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
         if not r.finite:
             what = f"step {step}: loss {r.total} (ce {r.ce}, aux {r.aux}, router {r.router}), grad norm {r.grad_norm}"
             if cfg.on_nonfinite == "stop":
+                ckpt.wait()
                 last = ckpt.steps()
                 raise NonFiniteLossError(
                     f"{what} is not finite; stopped without updating or saving. Last checkpoint: "

@@ -57,41 +57,54 @@ def is_dead(pid: int) -> bool:
         return True
 
 
-def test_kill_9_of_every_process_and_resume_reproduce_the_loss_curve_bitwise(shards, tiny_run, tmp_path,
-                                                                              monkeypatch):  # fmt: skip
+def test_kill_9_of_every_process_during_an_async_save_and_resume_reproduce_the_loss_curve_bitwise(
+        shards, tiny_run, tmp_path, monkeypatch):  # fmt: skip
     train_dir, _ = shards
-    whole, _ = tiny_run
+    whole, _ = tiny_run  # checkpoints written synchronously
     killed = tmp_path / "killed"
+    cmd = launch_command(train_dir, killed, "checkpoint.async_save=true")
     with open(tmp_path / "killed.log", "w") as f:
-        proc = subprocess.Popen(launch_command(train_dir, killed), stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step_000004").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
-        time.sleep(0.01)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    ckpts = killed / "checkpoints"
+
+    def wait_for(path: Path) -> None:
+        deadline = time.monotonic() + 240
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.005)
+
+    wait_for(ckpts / "step_000002")
     pids = job_pids(proc.pid)
     assert len(pids) >= 4, pids  # launcher, torchrun, 2 ranks
 
     # A second job on the same output_dir is refused at once, naming the live holder (rank 0).
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("a second job started"))
-    second = CliRunner().invoke(main, ["launch", *launch_command(train_dir, killed)[4:]])
+    second = CliRunner().invoke(main, ["launch", *cmd[4:]])
     assert second.exit_code == 1, second.output
     holder = int(second.output.split(", pid ")[1].split(")")[0])
     assert f"is in use by another run (host {os.uname().nodename}, pid {holder})" in second.output
     assert holder in pids and holder not in (proc.pid, pids[1])
 
+    wait_for(ckpts / "step_000004.tmp")  # the save of step 4 has begun; training goes on meanwhile
     for pid in pids:  # launcher, torchrun and every rank: no orphan may write on
         os.kill(pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert all(is_dead(pid) for pid in pids)
+    deadline = time.monotonic() + 30  # SIGKILL is delivered at once but exiting takes a moment
+    while not all(is_dead(pid) for pid in pids):
+        assert time.monotonic() < deadline, [pid for pid in pids if not is_dead(pid)]
+        time.sleep(0.01)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004.tmp"]
     assert not (killed / "final").exists()
 
-    run_launch(launch_command(train_dir, killed), tmp_path / "resumed.log")
+    run_launch(cmd, tmp_path / "resumed.log")
     assert "resumed at step" in (tmp_path / "resumed.log").read_text()
     assert losses(killed) == losses(whole)  # every step, bit for bit
     assert [s for s, _, _ in losses(whole)] == list(range(1, 9))
 
-    # keep-last-2, atomic names only; the export loads into an unsharded model, equal across runs
-    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
+    # keep-last-2, atomic names only (the last async save completed before exit); the export
+    # loads into an unsharded model, equal across runs
+    for out in whole, killed:
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
     a = torch.load(whole / "final" / "model.pt", weights_only=False)
     b = torch.load(killed / "final" / "model.pt", weights_only=False)
     assert a["step"] == 8 and a["model"].keys() == b["model"].keys()
