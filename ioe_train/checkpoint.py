@@ -11,7 +11,8 @@ elsewhere cannot run code on resume (a pickle that tries is refused, naming the 
 
 Each checkpoint is written to `step_000123.tmp` and renamed by rank 0 after every rank finished
 (and fsynced its own files): a directory with a final name is complete. `checkpoint.async_save`
-writes it while training goes on (DCP async_save); a kill meanwhile leaves only the `.tmp`. Interrupted `.tmp` directories are deleted at startup.
+writes it while training goes on (DCP async_save); a kill meanwhile leaves only the `.tmp`.
+Interrupted `.tmp` directories are deleted at startup.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (numpy's key array as a tensor)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # keys: uint32 [624]
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
 
 
@@ -67,7 +68,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's `.metadata` (its dataclasses, torch.Size, dtypes, layouts) and nothing else."""
 
     _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}  # fmt: skip
+                ("collections", "OrderedDict"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}  # fmt: skip
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED or (module == "torch.distributed.checkpoint.metadata" and

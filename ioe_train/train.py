@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
@@ -37,7 +36,7 @@ from ioe_train.metrics import (
 )
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from ioe_train.parallelize import copy_full_weights, parallelize
+from ioe_train.parallelize import copy_full_weights, data_parallel_mesh, parallelize
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,7 +164,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
 
 def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: Checkpointer) -> dict[str, float]:
     device = select_device(cfg.device, local_rank)
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = data_parallel_mesh(device.type, world_size, cfg.parallel.replicate_degree)
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
