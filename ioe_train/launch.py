@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from ioe_train.config import ConfigError, TrainConfig, load_config
+from ioe_train.lock import check_run_dir_free
+from ioe_train.model import PRESETS
 
 
 @dataclass
@@ -31,17 +33,30 @@ class LaunchOptions:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """Open the shard directories' manifests (no token data) so a bad path fails here, not on 16 ranks."""
+    """Check the shards against the config from their manifests (no token data read): a bad path,
+    a mixture name the data lacks or a model vocabulary below the tokenizer's fails here in one
+    line, not inside 16 ranks."""
     if cfg.data.source != "memmap":
         return
     from pile_prep.reader import ShardDataset, ShardError
 
+    found = {}
     for key, dirs in (("data.train_dirs", cfg.data.train_dirs), ("data.val_dirs", cfg.data.val_dirs)):
         if dirs:
             try:
-                ShardDataset(dirs)
+                found[key] = ShardDataset(dirs)
             except ShardError as e:
                 raise ConfigError(f"{key}: {e}") from None
+    train = found["data.train_dirs"]
+    for name in cfg.data.mixture:
+        if name not in train.source_names:
+            raise ConfigError(f"data.mixture.{name}: not a pile_set_name of data.train_dirs (they hold "
+                              f"{', '.join(train.source_names)})")  # fmt: skip
+    vocab = cfg.model.vocab_size or PRESETS[cfg.model.name][0].vocab_size
+    for key, ds in found.items():
+        if vocab < ds.vocab_size:
+            raise ConfigError(f"model.vocab_size: {vocab} < the vocabulary of {key}' tokenizer "
+                              f"({ds.vocab_size}): its ids would index past the embedding")  # fmt: skip
 
 
 def torchrun_command(opts: LaunchOptions) -> list[str]:
@@ -76,6 +91,8 @@ def launch(opts: LaunchOptions) -> int:
     cfg = load_config(opts.config, opts.overrides)
     check_data(cfg)
     cmd = torchrun_command(opts)
+    if "--standalone" in cmd:  # several nodes' launchers start at different times: rank 0 decides
+        check_run_dir_free(Path(cfg.output_dir))
     env = torchrun_env(cfg)
     if opts.dry_run:
         print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))

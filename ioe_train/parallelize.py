@@ -15,12 +15,12 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from ioe_train.config import ParallelConfig
+from ioe_train.config import ConfigError, ParallelConfig
 from ioe_train.moe import Experts, MoE
 
 _aten = torch.ops.aten
@@ -81,8 +81,10 @@ def _placement_fn(model: nn.Module, mesh_size: int):
 def set_global_counts(model: nn.Module, mesh: DeviceMesh) -> None:
     """Give every MoE layer the all-reduce that sums its expert counts over data-parallel ranks."""
 
+    group = mesh if mesh.ndim == 1 else mesh._flatten()  # HSDP: every replica's ranks too
+
     def reduce_counts(counts: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(counts, "sum", mesh)
+        return funcol.all_reduce(counts, "sum", group)
 
     for module in model.modules():
         if isinstance(module, MoE):
@@ -98,7 +100,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device:
     set_global_counts(model, mesh)
     dtype = param_dtype(cfg, device)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    fsdp = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=_placement_fn(model, mesh.size()))
+    # A 2-D mesh makes fully_shard HSDP: sharded along its last dim, replicated along the first.
+    fsdp = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=_placement_fn(model, mesh.size(mesh.ndim - 1)))
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing != "none":
             block = _checkpointed(block, cfg.activation_checkpointing)
@@ -108,8 +111,22 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device:
         last = i == len(model.layers) - 1
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward and not last, **fsdp)
         model.layers[i] = block
-    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **fsdp)
+    # The root (tied embedding / output projection, final norm) is used again first thing in
+    # backward: kept gathered, it is all-gathered once per micro-batch instead of twice.
+    fully_shard(model, reshard_after_forward=False, **fsdp)
     return model
+
+
+def data_parallel_mesh(device_type: str, world_size: int, replicate_degree: int) -> DeviceMesh:
+    """[W] (FSDP), or [R, W/R] (HSDP): parameters sharded within each run of W/R consecutive
+    ranks (a node: all-gathers stay on its links) and replicated across the R runs (only the
+    gradient all-reduce crosses nodes). Either way rank r is data-parallel rank r of W."""
+    if world_size % replicate_degree:
+        raise ConfigError(f"parallel.replicate_degree: {replicate_degree} does not divide the {world_size} ranks")
+    if replicate_degree == 1:
+        return init_device_mesh(device_type, (world_size,))
+    return init_device_mesh(device_type, (replicate_degree, world_size // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))  # fmt: skip
 
 
 @torch.no_grad()

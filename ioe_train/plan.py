@@ -133,6 +133,7 @@ class Plan:
     tokens_per_step: int
     param_dtype: str
     activation_checkpointing: str
+    replicate_degree: int  # HSDP replicas (parallel.replicate_degree); parameters shard over W / it
     memory_gib: dict[str, float]  # per rank, by component (module docstring)
     peak_gib_per_rank: float
     device: str
@@ -191,15 +192,19 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu: {mfu} is not in (0, 1]")
     world = nproc_per_node * nnodes
+    replicas = cfg.parallel.replicate_degree
+    if world % replicas:
+        raise ValueError(f"parallel.replicate_degree: {replicas} does not divide the {world} ranks")
+    shard = world // replicas  # HSDP shards within a replica: its memory is that of `shard` ranks
     with torch.device("meta"):
         model = build_model(cfg.model)
     budget = model_budget(model, cfg.data.seq_len)
     mp = cfg.parallel.mixed_precision
     a = 2 if mp == "bf16" or (mp == "auto" and device != "cpu") else 4
     gib = device_gib if device_gib is not None else BY_KEY[device].memory_gib
-    mem = memory_per_rank(cfg, model, world, a, cfg.micro_batch_size)
+    mem = memory_per_rank(cfg, model, shard, a, cfg.micro_batch_size)
     limit = FIT_FRACTION * gib * GIB
-    fitting = _largest(lambda b: memory_per_rank(cfg, model, world, a, b)["peak"] <= limit)
+    fitting = _largest(lambda b: memory_per_rank(cfg, model, shard, a, b)["peak"] <= limit)
     tokens = world * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
     peak_flops = BY_KEY[device].bf16_flops if device != "cpu" else None
     step = budget.flops_per_token * tokens / (world * peak_flops * mfu) if peak_flops else None
@@ -208,7 +213,7 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
         model=cfg.model.name, router=router, **asdict(budget), seq_len=cfg.data.seq_len,
         micro_batch_size=cfg.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps, world_size=world,
         tokens_per_step=tokens, param_dtype="bf16" if a == 2 else "fp32",
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        activation_checkpointing=cfg.parallel.activation_checkpointing, replicate_degree=replicas,
         memory_gib={k: v / GIB for k, v in mem.items()}, peak_gib_per_rank=mem["peak"] / GIB,
         device=device, device_gib=gib, fits=mem["peak"] <= FIT_FRACTION * gib * GIB,
         max_micro_batch_size=fitting, mfu=mfu, step_time_s=step, tokens_per_s=tokens / step if step else None,
@@ -230,8 +235,9 @@ def _largest(fits, cap: int = 1 << 14) -> int:
 def format_plan(p: Plan) -> str:
     """The human-readable table."""
     fit = "fits" if p.fits else "does NOT fit"
+    hsdp = f", HSDP {p.replicate_degree} x {p.world_size // p.replicate_degree}" if p.replicate_degree > 1 else ""
     lines = [
-        f"{p.model} ({p.router}) on {p.world_size} x {p.device} ({p.device_gib:g} GiB each), "
+        f"{p.model} ({p.router}) on {p.world_size} x {p.device} ({p.device_gib:g} GiB each{hsdp}), "
         f"{p.param_dtype} parameters, activation checkpointing {p.activation_checkpointing}",
         f"parameters        {p.params_total / 1e6:,.1f}M total, {p.params_active / 1e6:,.1f}M active per token, "
         f"{p.params_embedding / 1e6:,.1f}M embedding (tied)",

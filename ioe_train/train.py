@@ -20,19 +20,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader, prepare_mixture
 from ioe_train.devices import peak_flops
 from ioe_train.evaluate import loss_sums, losses_from_sums
+from ioe_train.lock import run_dir_lock
 from ioe_train.loss import microbatch_loss, total_loss
 from ioe_train.metrics import MetricsLogger, format_line, memory_gib
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from ioe_train.parallelize import copy_full_tensors, copy_full_weights, parallelize
+from ioe_train.parallelize import copy_full_tensors, copy_full_weights, data_parallel_mesh, parallelize
 from ioe_train.plan import flops_per_token
 from ioe_train.upcycle import load_dense, upcycle
 
@@ -65,16 +65,20 @@ def select_device(choice: str, local_rank: int) -> torch.device:
 def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
     """Allocate the sharded (meta) model on `device` and initialise it from `cfg.seed`."""
     model.to_empty(device=device)
-    init_weights(model)  # also rebuilds the RoPE cache
-    if device.type != "cuda":
-        # DTensor's offset-based RNG exists on CUDA/ROCm only: elsewhere every rank draws the same
-        # numbers into its own shard, and twin experts (0 and 4 of 8 on 2 ranks) never separate.
-        # Initialise one full copy from the seed instead and keep this rank's shard of it: the
-        # weights one process would make.
-        full = build_model(cfg.model)
-        torch.manual_seed(cfg.seed)
-        init_weights(full)
-        copy_full_weights(model, full)
+    if device.type == "cuda":
+        init_weights(model)  # also rebuilds the RoPE cache
+        return
+    # DTensor's offset-based RNG exists on CUDA/ROCm only: elsewhere every rank draws the same
+    # numbers into its own shard, and twin experts (0 and 4 of 8 on 2 ranks) never separate.
+    # Initialise one full copy from the seed instead and keep this rank's shard of it: the
+    # weights one process would make (and no random op on a CPU DTensor, which torch warns about).
+    full = build_model(cfg.model)
+    torch.manual_seed(cfg.seed)
+    init_weights(full)
+    copy_full_weights(model, full)
+    with torch.no_grad():
+        for buffer, full_buffer in zip(model.buffers(), full.buffers()):  # the RoPE cache (not sharded)
+            buffer.copy_(full_buffer)
 
 
 def init_from_dense(model: nn.Module, cfg: TrainConfig) -> None:
@@ -142,8 +146,17 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
 
     Needs an initialised default process group of `world_size` ranks.
     """
+    ckpt = Checkpointer(Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.keep_last, rank, world_size,
+                        async_save=cfg.checkpoint.async_save)  # fmt: skip
+    try:
+        return _train(cfg, rank, world_size, local_rank, ckpt)
+    finally:
+        ckpt.close()  # a checkpoint still being written completes, also when training failed
+
+
+def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: Checkpointer) -> dict[str, float]:
     device = select_device(cfg.device, local_rank)
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = data_parallel_mesh(device.type, world_size, cfg.parallel.replicate_degree)
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
@@ -166,7 +179,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
 
-    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world_size)
     step, skipped = 0, 0
     done = ckpt.steps()
     if done and not cfg.checkpoint.resume:
@@ -204,6 +216,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int) -> dict
         if not r.finite:
             what = f"step {step}: loss {r.total} (ce {r.ce}, aux {r.aux}, router {r.router}), grad norm {r.grad_norm}"
             if cfg.on_nonfinite == "stop":
+                ckpt.wait()
                 last = ckpt.steps()
                 raise NonFiniteLossError(
                     f"{what} is not finite; stopped without updating or saving. Last checkpoint: "
@@ -269,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world_size)
     try:
-        train(cfg, rank, world_size, local_rank)
+        with run_dir_lock(Path(cfg.output_dir), rank):  # before anything in output_dir is touched
+            train(cfg, rank, world_size, local_rank)
     except (NonFiniteLossError, ConfigError, DataStateError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ position with each batch; `make_streaming_loader` builds one.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,10 +367,13 @@ def make_streaming_loader(
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     dataset = StreamingTokenDataset(cfg, seq_len, rank, world_size, tokenizer)
-    return StatefulDataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-    )
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, which torch now deprecates: nothing the user can act on.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,31 @@ def domain_windows(domain_shards) -> tuple[torch.Tensor, torch.Tensor]:
     from tests.ioe_train.proxy import windows
 
     return windows(domain_shards[0]), windows(domain_shards[1])
+
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+
+
+def launch_command(train_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`ioe-train launch` of 8 tiny steps on 2 CPU ranks, checkpointing every 2 steps."""
+    overrides = [f"data.train_dirs=[{train_dir}]", "data.val_dirs=[]", "eval.interval=0", "data.seq_len=16",
+                 "micro_batch_size=2", "steps=8", "checkpoint.interval=2", "checkpoint.keep_last=2",
+                 "logging.interval=1", "logging.expert_interval=0", f"output_dir={out}", *extra]  # fmt: skip
+    launch = [sys.executable, "-c", "from ioe_train.cli import main; main()", "launch", str(CONFIG)]
+    return launch + overrides + ["--nproc-per-node", "2"]
+
+
+def run_launch(cmd: list[str], log: Path) -> str:
+    with open(log, "w") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=300, check=True)
+    return log.read_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shards, tmp_path_factory) -> tuple[Path, str]:
+    """(output_dir, console output) of one uninterrupted `launch_command` run."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    return root / "out", run_launch(launch_command(shards[0], root / "out"), root / "console.log")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -52,10 +53,23 @@ def test_multi_node_uses_c10d_rendezvous(shards):
     ("overrides", "message"),
     [(["optim.lr=fast"], "optim.lr: Value 'fast'"),
      (["data.train_dirs=[/nonexistent]"], "data.train_dirs: /nonexistent: no such directory"),
-     (["on_nonfinite=ignore"], "on_nonfinite: 'ignore' is not one of")],
+     (["on_nonfinite=ignore"], "on_nonfinite: 'ignore' is not one of"),
+     (["data.mixture={Books3: 2.0}"], "data.mixture.Books3: not a pile_set_name of data.train_dirs (they hold ArXiv,"),
+     (["model.vocab_size=151000"], "model.vocab_size: 151000 < the vocabulary of data.train_dirs' tokenizer (151665)"),
+     (["data.seq_len=1024"], "data.seq_len: 1024 exceeds model.max_seq_len=512")],
 )  # fmt: skip
 def test_bad_config_fails_before_any_process_starts(shards, monkeypatch, overrides, message):
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched a bad config"))
     result = CliRunner().invoke(main, ["launch", str(CONFIG), *data_overrides(shards), *overrides])
     assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1  # one line
     assert message in result.output
+
+
+def test_launch_prints_only_its_own_lines_and_torchruns_banner(tiny_run):
+    _, console = tiny_run  # `ioe-train launch` of the tiny config, 8 steps on 2 ranks
+    ours = re.compile(r"tiny_moe: .* parameters, .*|step \d/8 \| .*|exported .* to .*")
+    banner = re.compile(r"\**|Setting OMP_NUM_THREADS environment variable for each process .*")
+    lines = console.splitlines()
+    assert [line for line in lines if not ours.fullmatch(line) and not banner.fullmatch(line)] == []
+    assert sum(line.startswith("step ") for line in lines) == 8 + 4  # losses, checkpoints

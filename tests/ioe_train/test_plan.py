@@ -94,6 +94,8 @@ def test_plan_fits_the_largest_micro_batch_and_no_more():
     more_ranks = plan(cfg, nproc_per_node=16, nnodes=2)
     assert more_ranks.memory_gib["optimizer states (AdamW, fp32)"] == pytest.approx(
         p.memory_gib["optimizer states (AdamW, fp32)"] / 2)
+    hsdp = plan(load_config(REAL, ["parallel.activation_checkpointing=none", "parallel.replicate_degree=2"]), 16, 2)
+    assert hsdp.memory_gib == p.memory_gib  # 2 nodes as 2 replicas of 16 shards: one node's memory
     selective = plan(load_config(REAL), 16)
     assert selective.memory_gib["activations"] < p.memory_gib["activations"] / 5
 

@@ -262,6 +262,7 @@ def _batches(loader, n=None) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.filterwarnings("error:'set_vital' is deprecated")  # torchdata's, silenced at the source
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_resumes_with_the_next_unseen_batch(tmp_path, corpus, tok, num_workers):
     # Rank 1 of 2 with 2 workers reads files 2 and 3 whole; file 3 is short, so its worker
