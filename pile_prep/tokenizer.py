@@ -1,14 +1,16 @@
 """Qwen2.5 tokenizers: tiktoken over the bundled base vocabulary, or a user's Hugging Face files.
 
 Both backends encode the same way: NFC-normalise, split with Qwen's pre-tokenizer regex,
-byte-level BPE. Special-token strings inside a document (a literal "<|endoftext|>") are
-encoded as ordinary text; only the packer appends the real EOS id.
+byte-level BPE. The literal string of every added token inside a document (a "<|endoftext|>",
+and equally a "<tool_call>", which Qwen2.5's tokenizer.json marks as not special) is encoded
+as ordinary text; only the packer appends the real EOS id.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
@@ -49,7 +51,7 @@ class Tokenizer(Protocol):
     name: str
     eos_id: int
     vocab_size: int  # number of ids the tokenizer can emit or decode (base + special)
-    fingerprint: str  # hash of the id -> bytes table and the pre-tokenizer
+    fingerprint: str  # hash of the id -> bytes table, the pre-tokenizer and ADDED_TOKENS_AS
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -95,8 +97,15 @@ def _safe_pieces(text: str) -> list[str]:
     return pieces
 
 
+# How a document's added-token strings are encoded. Part of the fingerprint: outputs of
+# pile-prep <= 0.1's HF backend, which turned Qwen2.5's 8 non-special added tokens into ids
+# 151657-151664, carry a fingerprint without it and never mix with these.
+ADDED_TOKENS_AS = "added tokens: text"
+
+
 def _fingerprint(id_to_bytes: Sequence[bytes], pattern: str) -> str:
     h = hashlib.sha256()
+    h.update(ADDED_TOKENS_AS.encode() + b"\0")
     h.update(pattern.encode())
     for token in id_to_bytes:
         h.update(len(token).to_bytes(4, "little"))
@@ -193,9 +202,9 @@ class HFTokenizer:
         path = Path(path)
         directory = path if path.is_dir() else path.parent
         if path.is_file() and path.name.endswith(".json") and path.name != "vocab.json":
-            tok = RawTokenizer.from_file(str(path))
+            tok, added = _without_added_tokens(path)
         elif (directory / "tokenizer.json").is_file():
-            tok = RawTokenizer.from_file(str(directory / "tokenizer.json"))
+            tok, added = _without_added_tokens(directory / "tokenizer.json")
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             bpe = models.BPE.from_file(
                 str(directory / "vocab.json"), str(directory / "merges.txt"), unk_token=None
@@ -209,26 +218,24 @@ class HFTokenizer:
                 ]
             )
             tok.decoder = decoders.ByteLevel()
-            tok.add_special_tokens(list(QWEN2_5_SPECIAL_TOKENS))
+            added = {t: NUM_BASE_TOKENS + i for i, t in enumerate(QWEN2_5_SPECIAL_TOKENS)}
         else:
             raise TokenizerError(
                 f"{path}: expected tokenizer.json, or vocab.json and merges.txt "
                 "(as `tune download Qwen/Qwen2.5-0.5B-Instruct` saves them)"
             )
-        # A literal "<|endoftext|>" inside a document is text, not the EOS id.
-        tok.encode_special_tokens = True
         self._tok = tok
-        eos = tok.token_to_id(EOS_TOKEN)
+        eos = added.get(EOS_TOKEN, tok.token_to_id(EOS_TOKEN))
         if eos is None:
             raise TokenizerError(f"{path}: vocabulary has no {EOS_TOKEN} token")
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        vocab = tok.get_vocab(with_added_tokens=True)
-        added = {t.content for t in tok.get_added_tokens_decoder().values()}
-        self._id_to_bytes = [b""] * (max(vocab.values()) + 1)
+        vocab = tok.get_vocab(with_added_tokens=False)
+        self._id_to_bytes = [b""] * (max([*vocab.values(), *added.values()]) + 1)
         for token, i in vocab.items():
-            self._id_to_bytes[i] = (
-                token.encode() if token in added else bytes(byte_of[c] for c in token)
-            )
+            if token not in added:
+                self._id_to_bytes[i] = bytes(byte_of[c] for c in token)
+        for token, i in added.items():
+            self._id_to_bytes[i] = token.encode()
         self.name = f"hf:{path}"
         self.eos_id = eos
         self.vocab_size = len(self._id_to_bytes)
@@ -249,6 +256,21 @@ class HFTokenizer:
         return self._id_to_bytes[token_id]
 
 
+def _without_added_tokens(path: Path):
+    """The tokenizer of `path` with no added tokens, and its added tokens {content: id}.
+
+    Added tokens are matched before BPE, special or not; `encode_special_tokens` only turns
+    off the special ones, so Qwen2.5's `<tool_call>` would still become id 151657. Without
+    them every added token's literal string is text, as in the tiktoken backend.
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    spec["added_tokens"] = []
+    return RawTokenizer.from_str(json.dumps(spec)), added
+
+
 def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> TiktokenTokenizer | HFTokenizer:
     """`qwen2.5` (bundled, tiktoken) or a path to a tokenizer.json or a Qwen2.5 model dir."""
     if spec == DEFAULT_TOKENIZER:
@@ -263,5 +285,5 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> TiktokenTokenizer | HFToken
         return HFTokenizer(path)
     except TokenizerError:
         raise
-    except Exception as e:  # tokenizers raises plain Exception on a malformed file
+    except Exception as e:  # tokenizers raises plain Exception on a malformed file (json: ValueError)
         raise TokenizerError(f"{path}: cannot load tokenizer: {e}") from e

@@ -2,7 +2,7 @@
 
 Each shard is checked by one worker process that reads its `.idx` and then its `.bin` once, in
 large blocks: the XXH3-128 checksum and the numpy checks (ids below the vocab size, exactly one
-EOS at the end of each document) run on the same block. The manifest's own arithmetic (totals,
+EOS at the end of each document, no id above the EOS id inside one) run on the same block. The manifest's own arithmetic (totals,
 per-source sums, names, stray files) is checked in the main process. `sample > 0` also
 re-tokenizes documents from the original inputs and compares them with the shards.
 """
@@ -220,6 +220,15 @@ def check_shard(c: ShardCheck) -> tuple[list[Problem], int]:
                 out.add("id >= vocab size", f"token {pos + k}{_doc_of(offsets, pos + k)}: id "
                         f"{block[k]} >= vocab size {c.vocab_size}", 4 * (pos + int(k)))  # fmt: skip
             out.more("id >= vocab size", max(0, len(bad) - MAX_PER_KIND))
+            # pile-prep encodes every added token's string as text: an id above the EOS id
+            # (Qwen's other 21 added tokens) inside a document means another encoder made it.
+            added = rare[(values > c.eos_id) & (values < c.vocab_size)]
+            for k in added[:MAX_PER_KIND]:
+                out.add("added-token id inside a document", f"token {pos + k}"
+                        f"{_doc_of(offsets, pos + k)}: id {block[k]} >= EOS id {c.eos_id} inside "
+                        "a document (an added token's string must be encoded as text)",
+                        4 * (pos + int(k)))  # fmt: skip
+            out.more("added-token id inside a document", max(0, len(added) - MAX_PER_KIND))
             found = rare[values == c.eos_id] + pos  # [E] EOS positions
             eos_count += len(found)
             if ends is not None:

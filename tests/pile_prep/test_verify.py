@@ -197,6 +197,17 @@ def test_eos_inside_a_document(shards):
     ]
 
 
+def test_added_token_ids_inside_a_document(shards):
+    name, tokens, offsets = _shard(shards, 1)
+    pos = offsets[3] + 1  # inside document 3
+    tokens[pos] = 151657  # <tool_call>, which Qwen2.5's tokenizer.json marks not special
+    _forge(shards, name, tokens)
+    assert _lines(verify(shards, workers=1)) == [
+        f"{shards / name}.bin: offset {4 * pos}: token {pos} (document 3): id 151657 >= EOS id "
+        f"{EOS} inside a document (an added token's string must be encoded as text)"
+    ]
+
+
 def test_broken_index(shards):
     name, _, offsets = _shard(shards, 2)
     idx = shards / f"{name}.idx"
