@@ -35,14 +35,19 @@ def main() -> None:
               help="Split the inputs across this many machines (one output dir each).")
 @click.option("--task-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="This machine's share: inputs[task_index::num_tasks].")
+@click.option("--recursive", "-r", is_flag=True,
+              help="A directory INPUT also gives the files in its subdirectories.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_bad_lines,
-                 overwrite, num_tasks, task_index, quiet) -> None:  # fmt: skip
-    """Tokenize INPUTS (.jsonl.zst/.jsonl/.jsonl.gz/.parquet files, dirs or globs) into shards."""
+                 overwrite, num_tasks, task_index, recursive, quiet) -> None:  # fmt: skip
+    """Tokenize INPUTS (.jsonl.zst/.jsonl/.jsonl.gz/.parquet files, dirs or globs) into shards.
+
+    A directory gives the files directly inside it (--recursive: also in subdirectories)."""
     opts = TokenizeOptions(
         inputs=list(inputs), output=output, workers=workers, tokenizer=tokenizer,
         text_field=text_field, shard_bytes=int(shard_mb * 2**20), skip_bad_lines=skip_bad_lines,
         overwrite=overwrite, num_tasks=num_tasks, task_index=task_index, progress=not quiet,
+        recursive=recursive,
     )  # fmt: skip
     try:
         s = tokenize(opts)

@@ -33,13 +33,23 @@ class InputError(Exception):
         return InputError, (self.path, self.line, self.reason)
 
 
-def expand_inputs(specs: list[str]) -> list[Path]:
-    """Files, directories (their supported files, sorted) or globs (sorted), in argument order."""
+def expand_inputs(specs: list[str], recursive: bool = False) -> list[Path]:
+    """Files, directories (their supported files, sorted) or globs (sorted), in argument order.
+
+    A directory gives the files directly inside it; `recursive` also those in its
+    subdirectories (never by default: The Pile's root holds `val/` and `test/` next to `train/`).
+    """
     paths: list[Path] = []
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
+                           if f.is_file() and f.name.endswith(SUFFIXES))  # fmt: skip
+            if not found and not recursive:
+                deeper = sum(1 for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+                if deeper:
+                    raise InputError(spec, None, f"no Pile input files directly inside ({deeper} in "
+                                     "subdirectories: name them, or pass --recursive)")  # fmt: skip
         elif p.is_file():
             if not p.name.endswith(SUFFIXES):
                 raise InputError(p, None, f"unsupported file type (expected {', '.join(SUFFIXES)})")

@@ -40,7 +40,7 @@ class TokenizeError(Exception):
 
 @dataclass
 class TokenizeOptions:
-    inputs: list[str]  # files, directories or globs
+    inputs: list[str]  # files, directories (the files directly inside) or globs
     output: Path
     workers: int = 0  # 0: all usable cores
     tokenizer: str = DEFAULT_TOKENIZER  # "qwen2.5" or a path to HF tokenizer files
@@ -51,6 +51,7 @@ class TokenizeOptions:
     num_tasks: int = 1  # split the inputs across machines (e.g. a Slurm array)
     task_index: int = 0
     progress: bool = True
+    recursive: bool = False  # directories: also the files in their subdirectories
 
 
 @dataclass
@@ -252,7 +253,7 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
         raise TokenizeError("shard size must be positive")
     start = time.perf_counter()
     try:
-        inputs = expand_inputs(opts.inputs)[opts.task_index :: opts.num_tasks]
+        inputs = expand_inputs(opts.inputs, opts.recursive)[opts.task_index :: opts.num_tasks]
     except InputError as e:
         raise TokenizeError(str(e)) from e
     if not inputs:

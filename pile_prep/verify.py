@@ -434,7 +434,9 @@ def sample_check(
     if not sources:
         return [Problem("--source", "re-tokenizing a sample needs the original inputs")], 0
     try:
-        given = expand_inputs(list(sources))
+        # Recursive: inputs are matched by path (or name and size), so extra files are harmless
+        # and a tokenize run with --recursive is found again.
+        given = expand_inputs(list(sources), recursive=True)
     except InputError as e:
         return [Problem(e.path, e.reason)], 0
     datasets = []

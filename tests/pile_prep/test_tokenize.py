@@ -20,6 +20,7 @@ import zstandard
 from click.testing import CliRunner
 
 from pile_prep.cli import main as cli
+from pile_prep.inputs import expand_inputs
 from pile_prep.reader import ShardDataset
 from pile_prep.sample import write_sample_corpus
 from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
@@ -133,6 +134,25 @@ def test_inputs_from_dirs_and_globs_in_order(sample_corpus, tmp_path):
     assert a == b
     with pytest.raises(TokenizeError, match="no Pile input files match"):
         run([str(tmp_path / "nothing-*.jsonl.zst")], tmp_path / "c")
+
+
+def test_directory_inputs_are_not_recursive_unless_asked(tmp_path):
+    root = tmp_path / "pile"
+    (root / "val").mkdir(parents=True)
+    write_jsonl_zst(root / "00.jsonl.zst", [pile_record("train text", "Pile-CC")])
+    write_jsonl_zst(root / "val" / "val.jsonl.zst", [pile_record("held out", "Pile-CC")])
+    deep = [root.resolve() / "00.jsonl.zst", root.resolve() / "val" / "val.jsonl.zst"]
+    assert expand_inputs([str(root)]) == deep[:1]
+    assert expand_inputs([str(root)], recursive=True) == deep
+    result = CliRunner().invoke(cli, ["tokenize", str(root), "-o", str(tmp_path / "o"), "-q", "-j",
+                                      "1", "--recursive"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [i["path"] for i in m["inputs"]] == list(map(str, deep))
+    (root / "00.jsonl.zst").unlink()
+    with pytest.raises(TokenizeError, match=r"no Pile input files directly inside \(1 in "
+                       r"subdirectories: name them, or pass --recursive\)"):  # fmt: skip
+        run([root], tmp_path / "none")
 
 
 def test_task_split_covers_inputs_once(sample_corpus, tmp_path):
