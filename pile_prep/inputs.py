@@ -9,16 +9,21 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+import xxhash
 import zstandard
 
 SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl", ".jsonl.gz", ".parquet")
 UNKNOWN_SOURCE = "unknown"
 _READ_SIZE = 1 << 20
+# job.json identifies an input by its size and a hash of its first and last MiB (4 ms of reading
+# per file, whatever its size); each shard also records a hash of its own input bytes.
+_IDENTITY_BYTES = 1 << 20
 
 
 class InputError(Exception):
@@ -63,6 +68,22 @@ def expand_inputs(specs: list[str], recursive: bool = False) -> list[Path]:
     return unique
 
 
+def input_identity(path: Path) -> dict:
+    """{"path", "size", "head_tail"}: the input as job.json records it.
+
+    Not the mtime: a copy or a `touch` changes it without changing a byte, and the output must
+    stay a function of the input bytes. An edit that keeps the size and both ends is caught by
+    the shard records' `input_checksum` instead.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h = xxhash.xxh3_128(f.read(_IDENTITY_BYTES))
+        if size > 2 * _IDENTITY_BYTES:
+            f.seek(size - _IDENTITY_BYTES)
+        h.update(f.read(_IDENTITY_BYTES))
+    return {"path": str(path), "size": size, "head_tail": "xxh3_128:" + h.hexdigest()}
+
+
 @dataclass
 class Chunk:
     """A run of whole input lines (JSONL bytes) or Parquet rows: one future shard."""
@@ -76,6 +97,18 @@ class Chunk:
     lines: bytes = b""  # JSONL: whole lines
     rows: tuple[list, list] | None = None  # Parquet: (texts, sources)
     error: str | None = None  # the input broke after this chunk (kept under --skip-bad-lines)
+
+
+def chunk_checksum(chunk: Chunk) -> str:
+    """XXH3-128 of the chunk's input: its line bytes, or (Parquet) each row's text and source."""
+    if chunk.rows is None:
+        return "xxh3_128:" + xxhash.xxh3_128(chunk.lines).hexdigest()
+    h = xxhash.xxh3_128()
+    for text, source in zip(*chunk.rows):
+        for value in (text, source):
+            data = (value if isinstance(value, str) else repr(value)).encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little") + data)
+    return "xxh3_128:" + h.hexdigest()
 
 
 class _ZstdStream:

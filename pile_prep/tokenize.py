@@ -15,7 +15,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pile_prep.inputs import Chunk, InputError, expand_inputs, iter_chunks, iter_records
+from pile_prep.inputs import (
+    Chunk,
+    InputError,
+    chunk_checksum,
+    expand_inputs,
+    input_identity,
+    iter_chunks,
+    iter_records,
+)
 from pile_prep.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -125,6 +133,7 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
             "chunk": chunk.chunk_index,
             "first_line": chunk.first_line,
             "last_line": chunk.last_line,
+            "input_checksum": chunk_checksum(chunk),
             "skipped_lines": skipped,
             "bad_lines": bad[:MAX_BAD_LINES_LISTED],
         }
@@ -161,7 +170,7 @@ def _job(opts: TokenizeOptions, inputs: list[Path], tokenizer) -> dict[str, Any]
         "text_field": opts.text_field,
         "shard_bytes": opts.shard_bytes,
         "task": {"index": opts.task_index, "count": opts.num_tasks},
-        "inputs": [{"path": str(p), "size": p.stat().st_size} for p in inputs],
+        "inputs": [input_identity(p) for p in inputs],
     }
 
 
@@ -169,15 +178,18 @@ def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
     for key in new:
         if key == "inputs" and old.get(key) != new[key]:
-            old_in = {i["path"]: i["size"] for i in old.get("inputs", [])}
-            new_in = {i["path"]: i["size"] for i in new["inputs"]}
+            old_in = {i["path"]: i for i in old.get("inputs", [])}
+            new_in = {i["path"]: i for i in new["inputs"]}
             for p in new_in.keys() - old_in.keys():
                 diffs.append(f"new input {p}")
             for p in old_in.keys() - new_in.keys():
                 diffs.append(f"input {p} no longer given")
             for p in new_in.keys() & old_in.keys():
-                if new_in[p] != old_in[p]:
-                    diffs.append(f"input {p} changed size ({old_in[p]} -> {new_in[p]} bytes)")
+                was, now = old_in[p], new_in[p]
+                if was["size"] != now["size"]:
+                    diffs.append(f"input {p} changed size ({was['size']} -> {now['size']} bytes)")
+                elif was.get("head_tail") != now["head_tail"]:
+                    diffs.append(f"input {p} changed (its first or last MiB differ)")
             if not diffs:
                 diffs.append("inputs given in a different order")
         elif key == "tokenizer" and old.get(key, {}).get("fingerprint") != new[key]["fingerprint"]:
@@ -185,6 +197,21 @@ def _differences(old: dict, new: dict) -> list[str]:
         elif key not in ("inputs", "tokenizer") and old.get(key) != new[key]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
     return diffs
+
+
+def _same_input(record: dict, chunk: Chunk) -> bool:
+    """Whether a finished shard was made from exactly this chunk's lines and bytes."""
+    span = (chunk.first_line, chunk.last_line)
+    if (record["first_line"], record["last_line"]) != span:
+        return False
+    return record.get("input_checksum") == chunk_checksum(chunk)
+
+
+def _remove_stale_shards(output: Path, names: set[str]) -> None:
+    """Shard files of chunks that no longer exist (an input edited in place now cuts fewer)."""
+    for p in output.glob("shard-*"):
+        if ".tmp-" not in p.name and p.name.split(".")[0] not in names:
+            p.unlink()
 
 
 def _is_ours(path: Path) -> bool:
@@ -318,12 +345,13 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
                     raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
                 name = shard_name(chunk.input_index, chunk.chunk_index)
                 done = shard_is_done(output, name)
-                span = (chunk.first_line, chunk.last_line)
-                if done is not None and (done["first_line"], done["last_line"]) == span:
-                    records[name] = done  # (a record of another cut is stale: redo the shard)
+                if done is not None and _same_input(done, chunk):
+                    records[name] = done
                     resumed += 1
                     advance(chunk)
                     continue
+                if done is not None:  # a record of other input bytes is stale: redo the shard
+                    (output / f"{name}.json").unlink()
                 while len(pending) >= 2 * workers:  # bounded memory: at most 2 chunks per worker
                     collect(wait(pending, return_when=FIRST_COMPLETED)[0])
                 pending[pool.submit(_tokenize_chunk, chunk, output, opts.text_field,
@@ -346,6 +374,7 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
             ) from failure
         raise failure
 
+    _remove_stale_shards(output, set(records))
     manifest = _manifest(job, [records[k] for k in sorted(records)])
     write_json(output / MANIFEST, manifest)
     return TokenizeSummary(

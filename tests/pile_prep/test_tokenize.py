@@ -181,6 +181,27 @@ def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
         run(sample_corpus, tmp_path / "foreign")
 
 
+def test_input_edited_in_place_is_refused_or_its_shards_redone(sample_corpus, tmp_path, monkeypatch):
+    import pile_prep.inputs as inputs_mod
+
+    monkeypatch.setattr(inputs_mod, "_IDENTITY_BYTES", 64)  # job.json hashes the first/last 64 B
+    raw = zstandard.ZstdDecompressor().decompress(sample_corpus[0].read_bytes(), max_output_size=1 << 30)
+    path, out = tmp_path / "in.jsonl", tmp_path / "out"
+    path.write_bytes(raw)
+    run([path], out, shard_bytes=20_000)
+    (out / "manifest.json").unlink()  # as if the run had stopped before its end
+    # Same size, same first and last 64 bytes: only the shards' input checksums can tell.
+    at = raw.index(b" ka ", len(raw) // 2)
+    edited = raw[:at] + b" KA " + raw[at + 4 :]
+    path.write_bytes(edited)
+    assert run([path], out, shard_bytes=20_000).shards_resumed > 0
+    run([path], tmp_path / "fresh", shard_bytes=20_000)
+    assert_same_dirs(tmp_path / "fresh", out)
+    path.write_bytes(b"{" + edited[1:].replace(b'"text"', b'"TEXT"', 1))
+    with pytest.raises(TokenizeError, match=rf"input {path.resolve()} changed \(its first or last"):
+        run([path], out, shard_bytes=20_000)
+
+
 def test_rerun_of_finished_output_is_a_no_op(sample_corpus, tmp_path):
     first = run(sample_corpus, tmp_path / "out", shard_bytes=50_000)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
