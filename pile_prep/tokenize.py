@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import resource
@@ -9,6 +10,7 @@ import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,9 @@ from pile_prep.shards import (
     JOB,
     MANIFEST,
     MAX_BAD_LINES_LISTED,
+    OutputError,
     ShardWriter,
+    is_temp,
     read_json,
     shard_is_done,
     shard_name,
@@ -104,7 +108,7 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
     writer = ShardWriter(output, shard_name(chunk.input_index, chunk.chunk_index))
     skipped: list[list] = []
     bad: list[dict] = []
-    try:
+    try:  # any failure: abort, so that no temp file of this shard stays
         for rec in iter_records(chunk, text_field):
             if rec.blank:
                 skipped.append([rec.line, "blank"])
@@ -216,16 +220,39 @@ def _remove_stale_shards(output: Path, names: set[str]) -> None:
 
 def _is_ours(path: Path) -> bool:
     n = path.name
-    return n in (MANIFEST, JOB) or n.startswith("shard-") or ".tmp-" in n
+    return n in (MANIFEST, JOB) or n.startswith("shard-") or is_temp(n)
+
+
+def _lock(output: Path) -> int:
+    """Lock `output` for this run (released when the fd closes, or the process dies).
+
+    With the lock held no other run writes here, so every temp file found is debris of a dead
+    run (a killed worker's half-written `.bin.tmp-PID`), safe to delete.
+    """
+    if output.exists() and not output.is_dir():
+        raise TokenizeError(f"--output {output} is a file, not a directory")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output, os.O_RDONLY)
+    except OSError as e:
+        raise TokenizeError(f"cannot use {output} as the output directory: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TokenizeError(f"{output}: another pile-prep tokenize is writing to it") from None
+    return fd
 
 
 def _prepare_output(output: Path, job: dict, overwrite: bool) -> None:
     """Resume `output` if it holds this job, else start it (refusing others' work unless told)."""
-    output.mkdir(parents=True, exist_ok=True)
     job_path = output / JOB
     if job_path.exists() and not overwrite:
         diffs = _differences(read_json(job_path), job)
         if not diffs:
+            for p in output.iterdir():
+                if is_temp(p.name):
+                    p.unlink()
             return
         raise TokenizeError(
             f"{output} holds a tokenization of different inputs ({'; '.join(diffs)}). "
@@ -290,10 +317,30 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
     tokenizer = load_tokenizer(opts.tokenizer)
     job = _job(opts, inputs, tokenizer)
     output = Path(opts.output)
-    _prepare_output(output, job, opts.overwrite)
-    if (output / MANIFEST).exists():  # same job, already complete
-        manifest = read_json(output / MANIFEST)
-        return TokenizeSummary(manifest, manifest["totals"]["shards"], time.perf_counter() - start, 0, 0)
+    lock = _lock(output)
+    try:
+        try:
+            _prepare_output(output, job, opts.overwrite)
+        except OSError as e:  # (an OutputError names the file it could not write)
+            raise TokenizeError(f"cannot use {output} as the output directory: {e.strerror}") from None
+        if (output / MANIFEST).exists():  # same job, already complete
+            manifest = read_json(output / MANIFEST)
+            return TokenizeSummary(manifest, manifest["totals"]["shards"],
+                                   time.perf_counter() - start, 0, 0)  # fmt: skip
+        return _run(opts, inputs, job, output, start)
+    except OutputError as e:
+        raise TokenizeError(f"{e}; {_kept(output)}") from None
+    finally:
+        os.close(lock)
+
+
+def _kept(output: Path) -> str:
+    done = sum(1 for p in output.glob("shard-*.json"))
+    return (f"{done} finished shards are kept in {output}: fix the cause (free space?) and rerun "
+            "the same command to resume")  # fmt: skip
+
+
+def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, start: float):
     workers = opts.workers or usable_cores()
 
     records: dict[str, dict] = {}
@@ -356,7 +403,7 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
                     collect(wait(pending, return_when=FIRST_COMPLETED)[0])
                 pending[pool.submit(_tokenize_chunk, chunk, output, opts.text_field,
                                     opts.skip_bad_lines)] = chunk  # fmt: skip
-        except InputError as e:
+        except (InputError, BrokenProcessPool) as e:
             failure = failure or e
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -372,6 +419,11 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
                 f"{failure}\n{len(records)} finished shards are kept in {output}: rerun the same "
                 "command to resume, with --skip-bad-lines to skip such lines"
             ) from failure
+        if isinstance(failure, OutputError):
+            raise TokenizeError(f"{failure}; {_kept(output)}") from None
+        if isinstance(failure, BrokenProcessPool):
+            raise TokenizeError(f"a worker process died (killed, or out of memory?); "
+                                f"{_kept(output)}") from None  # fmt: skip
         raise failure
 
     _remove_stale_shards(output, set(records))

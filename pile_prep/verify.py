@@ -2,10 +2,10 @@
 
 Each shard is checked by one worker process that reads its `.idx` and then its `.bin` once, in
 large blocks: the XXH3-128 checksum and the numpy checks (ids below the vocab size, exactly one
-EOS at the end of each document, no id above the EOS id inside one) run on the same block. The manifest's own arithmetic (totals,
-per-source sums, names, stray files) is checked in the main process. `sample > 0` also
-re-tokenizes documents from the original inputs and compares them with the shards.
-"""
+EOS at the end of each document, no id above the EOS id inside one) run on the same block. The
+manifest's own arithmetic (totals, per-source sums, names, stray and temp files, gaps between
+chunks) is checked in the main process. `sample > 0` also re-tokenizes documents from the
+original inputs and compares them with the shards."""
 
 from __future__ import annotations
 
@@ -24,7 +24,15 @@ import xxhash
 
 from pile_prep.inputs import InputError, expand_inputs, iter_chunks, iter_records
 from pile_prep.reader import ShardDataset, ShardError, _as_dirs, load_manifest
-from pile_prep.shards import INDEX_HEADER, INDEX_MAGIC, MANIFEST, index_size, read_json, shard_name
+from pile_prep.shards import (
+    INDEX_HEADER,
+    INDEX_MAGIC,
+    MANIFEST,
+    index_size,
+    is_temp,
+    read_json,
+    shard_name,
+)
 from pile_prep.tokenize import usable_cores
 
 # Per read. Small enough that the block and numpy's temporaries stay in cache and are reused
@@ -314,9 +322,29 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
     if not 0 <= tok["eos_id"] < tok["vocab_size"]:
         out.add("tokenizer", f"tokenizer eos_id {tok['eos_id']} >= vocab_size {tok['vocab_size']}")
     for file in sorted(os.listdir(directory)):
-        if file.startswith("shard-") and ".tmp-" not in file and file.split(".")[0] not in names:
+        if is_temp(file):
+            out.add("temp", f"{file}: temp file of a killed or failed run (rerunning the same "
+                    "tokenize command removes it)")  # fmt: skip
+        elif file.startswith("shard-") and file.split(".")[0] not in names:
             out.add("stray", f"{file} is not listed in the manifest")
+    _check_coverage(records, out)
     return out.finish()
+
+
+def _check_coverage(records: list[dict[str, Any]], out: _Collector) -> None:
+    """Each input's shards are chunks 0, 1, 2, ... whose line ranges follow one another."""
+    last: dict[int, dict[str, Any]] = {}
+    for r in records:  # (in name order: by input, then chunk)
+        prev = last.get(r["input"])
+        want_chunk = 0 if prev is None else prev["chunk"] + 1
+        want_line = 1 if prev is None else prev["last_line"] + 1
+        if r["chunk"] != want_chunk:
+            out.add("gap", f"input {r['input']}: chunk {want_chunk} is missing (next shard is "
+                    f"{r['name']})")  # fmt: skip
+        elif r["first_line"] != want_line:
+            out.add("gap", f"input {r['input']}: {r['name']} starts at line {r['first_line']}, "
+                    f"expected {want_line} (lines in no shard, or in two)")  # fmt: skip
+        last[r["input"]] = r
 
 
 def _check_record_file(directory: Path, record: dict[str, Any], out: _Collector) -> None:

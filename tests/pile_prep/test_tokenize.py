@@ -277,14 +277,49 @@ def test_kill_9_and_resume_gives_identical_bytes(sample_corpus, tmp_path):
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.json")}
     assert done_before and not (out / "manifest.json").exists()
 
+    (out / "shard-00000-000999.bin.tmp-999999").write_bytes(b"half")  # a dead worker's debris
     result = subprocess.run([sys.executable, "-m", "pile_prep.cli", "tokenize", *args, "-o", str(out)],
                             check=True, capture_output=True, text=True)  # fmt: skip
     assert f"({len(done_before)} already done)" in result.stdout
-    for p in list(out.glob("*.tmp-*")):
-        p.unlink()  # left by the killed run; never mistaken for a finished file
-    assert_same_dirs(tmp_path / "ref", out)
+    assert_same_dirs(tmp_path / "ref", out)  # temp files of the killed run removed too
     # Finished shards were not redone.
     assert all((out / n).stat().st_mtime_ns == t for n, t in done_before.items())
+
+
+def _limit_file_size(limit: int):
+    def preexec():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # EFBIG past it, like ENOSPC
+
+    return preexec
+
+
+def test_failed_write_exits_1_in_one_line_and_rerun_completes(tmp_path):
+    docs = [pile_record(f"short document {i}", "Pile-CC") for i in range(300)]
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", docs + [pile_record("long " * 40_000, "ArXiv")])
+    last = run([path], tmp_path / "ref", shard_bytes=2000).manifest["shards"][-1]["name"]
+    n = int(last[-6:])
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pile_prep.cli", "tokenize", str(path), "-o", str(out), "-q", "-j", "1",
+            "--shard-mb", str(2000 / 2**20)]  # fmt: skip
+    # Every shard fits in 64 kB but the long document's (160 kB of ids).
+    failed = subprocess.run(args, capture_output=True, text=True, preexec_fn=_limit_file_size(64_000))
+    assert failed.returncode == 1
+    assert failed.stdout == "" and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith(f"Error: cannot write {out / last}.bin: File too large; "
+                                    f"{n} finished shards are kept in {out}")  # fmt: skip
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert len(list(out.glob("shard-*.json"))) == n and not (out / f"{last}.bin").exists()
+    subprocess.run(args, check=True, capture_output=True)
+    assert_same_dirs(tmp_path / "ref", out)
+
+
+def test_unusable_output_path_is_one_line(sample_corpus, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["tokenize", str(sample_corpus[0]), "-o", str(tmp_path / "file"), "-q"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: --output {tmp_path / 'file'} is a file, not a directory\n"
 
 
 def test_overwrite_starts_again(sample_corpus, tmp_path):
