@@ -105,6 +105,27 @@ def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json) -> None:
         raise click.ClickException(str(e)) from None
 
 
+@main.group("export")
+def export_group() -> None:
+    """Write shard directories in another framework's format."""
+
+
+@export_group.command("megatron")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", "prefix", required=True, type=click.Path(path_type=Path),
+              metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
+def export_megatron_cmd(dirs, prefix) -> None:
+    """Megatron-LM / NeMo / GPT-NeoX indexed dataset of DIRS: one sequence per document."""
+    from pile_prep.export import ExportError, export_megatron
+
+    try:
+        s = export_megatron(dirs, prefix)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{s.documents:,} documents, {s.tokens:,} tokens -> {s.bin_path}, {s.idx_path} "
+               f"({s.seconds:.1f} s)")  # fmt: skip
+
+
 @main.command("verify")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
