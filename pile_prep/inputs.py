@@ -13,7 +13,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import xxhash
 import zstandard
@@ -265,20 +265,51 @@ class Record:
     blank: bool = False  # a whitespace-only line: no record (HF's json reader skips it too)
 
 
+def _is_blank(raw: bytes) -> bool:
+    """Empty, or only JSON whitespace (space, tab, CR): what Hugging Face's JSON reader skips.
+
+    A form feed or vertical tab is not JSON whitespace: such a line is not JSON, here and in
+    the streaming reader alike. (isspace first: no copy of a long line.)
+    """
+    return not raw or (raw.isspace() and not raw.translate(None, b" \t\r"))
+
+
+def _duplicated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj[_DUPLICATES] = [k for k, _ in pairs if k in seen or seen.add(k)]
+    return obj
+
+
+_DUPLICATES = "\0duplicated keys"  # (no JSON key of a real record holds a NUL)
+
+
 def parse_line(raw: bytes, line: int, text_field: str) -> Record:
-    if not raw or raw.isspace():  # (isspace: no copy of a long line)
+    """One JSONL line as a record. The edge cases decide as the streaming reader does: a UTF-8
+    BOM, a form feed, a duplicated text key or a null text make a bad line (docs/FORMAT.md)."""
+    if _is_blank(raw):
         return Record(line, None, "", blank=True)
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        decoded = raw.decode("utf-8")
+        # Python keeps the last of duplicated keys, Arrow refuses the line: refuse it too. The
+        # hook costs, so only where the key's name occurs twice.
+        twice = raw.count(b'"' + text_field.encode() + b'"') > 1
+        obj = json.loads(decoded, object_pairs_hook=_duplicated) if twice else json.loads(decoded)
     except UnicodeDecodeError as e:
         return Record(line, None, "", f"invalid UTF-8 at byte {e.start}")
     except ValueError as e:
         return Record(line, None, "", f"not JSON: {e}")
     if not isinstance(obj, dict):
         return Record(line, None, "", f"not a JSON object: {type(obj).__name__}")
+    if text_field in obj.get(_DUPLICATES, ()):
+        return Record(line, None, "", f"duplicated {text_field!r} key")
     text = obj.get(text_field)
     if not isinstance(text, str):
-        what = "no" if text is None else f"non-string ({type(text).__name__})"
+        if text_field not in obj:
+            what = "no"
+        else:
+            what = "null" if text is None else f"non-string ({type(text).__name__})"
         return Record(line, None, "", f"{what} {text_field!r} field")
     source = _source_of(obj.get("meta"))
     if b"\\u" in raw:  # only a \uXXXX escape can smuggle a lone surrogate past UTF-8 decoding
