@@ -175,14 +175,19 @@ def _jsonl_chunks(index: int, path: Path, shard_bytes: int) -> Iterator[Chunk]:
             chunk_index += 1
             return chunk
 
+        scanned = 0  # bytes of buf known to hold no newline past shard_bytes - 1
         try:
             for block in _open_blocks(path, f):
                 buf += block
                 while len(buf) >= shard_bytes:
-                    end = buf.find(b"\n", shard_bytes - 1)
+                    # Resume the search where the last one stopped: a line of many blocks is
+                    # scanned once (linear), not once per block (quadratic).
+                    end = buf.find(b"\n", max(shard_bytes - 1, scanned))
                     if end < 0:
+                        scanned = len(buf)
                         break
                     yield cut(end + 1)
+                    scanned = 0
         except (zstandard.ZstdError, ValueError, OSError, EOFError, zlib.error) as e:
             error = f"corrupt or truncated input: {e}"
         if error is not None:
