@@ -244,10 +244,14 @@ def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -
 def iter_chunks(inputs: list[Path], shard_bytes: int, text_field: str) -> Iterator[Chunk]:
     """Every chunk of every input, in order."""
     for index, path in enumerate(inputs):
-        if path.name.endswith(".parquet"):
-            yield from _parquet_chunks(index, path, shard_bytes, text_field)
-        else:
-            yield from _jsonl_chunks(index, path, shard_bytes)
+        yield from input_chunks(index, path, shard_bytes, text_field)
+
+
+def input_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -> Iterator[Chunk]:
+    """Every chunk of one input, numbered as input `index` of its job."""
+    if path.name.endswith(".parquet"):
+        return _parquet_chunks(index, path, shard_bytes, text_field)
+    return _jsonl_chunks(index, path, shard_bytes)
 
 
 def _source_of(meta: object) -> str:

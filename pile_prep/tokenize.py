@@ -23,9 +23,10 @@ from pile_prep.inputs import (
     chunk_checksum,
     expand_inputs,
     input_identity,
-    iter_chunks,
+    input_chunks,
     iter_records,
 )
+from pile_prep.tasks import Share, task_shares
 from pile_prep.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -60,7 +61,7 @@ class TokenizeOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES  # input bytes per shard (part of the output's identity)
     skip_bad_lines: bool = False
     overwrite: bool = False
-    num_tasks: int = 1  # split the inputs across machines (e.g. a Slurm array)
+    num_tasks: int = 1  # split the work across machines (e.g. a Slurm array): pile_prep/tasks.py
     task_index: int = 0
     progress: bool = True
     recursive: bool = False  # directories: also the files in their subdirectories
@@ -307,13 +308,9 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
         raise TokenizeError("shard size must be positive")
     start = time.perf_counter()
     try:
-        inputs = expand_inputs(opts.inputs, opts.recursive)[opts.task_index :: opts.num_tasks]
+        inputs = expand_inputs(opts.inputs, opts.recursive)
     except InputError as e:
         raise TokenizeError(str(e)) from e
-    if not inputs:
-        raise TokenizeError(
-            f"task {opts.task_index} of {opts.num_tasks} has no inputs (fewer files than tasks)"
-        )
     tokenizer = load_tokenizer(opts.tokenizer)
     job = _job(opts, inputs, tokenizer)
     output = Path(opts.output)
@@ -340,13 +337,23 @@ def _kept(output: Path) -> str:
             "the same command to resume")  # fmt: skip
 
 
+def _task_chunks(inputs: list[Path], shares: dict[int, Share], opts: TokenizeOptions):
+    """This task's chunks: a shared input is cut whole (the cut needs every byte before a
+    chunk), and only its chunks of this task are kept."""
+    for index, share in shares.items():
+        for chunk in input_chunks(index, inputs[index], opts.shard_bytes, opts.text_field):
+            if share.takes(chunk.chunk_index):
+                yield chunk
+
+
 def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, start: float):
     workers = opts.workers or usable_cores()
 
     records: dict[str, dict] = {}
     resumed = tokens_run = bytes_run = 0
     rss = 0.0
-    total_bytes = sum(i["size"] for i in job["inputs"])
+    shares = task_shares(len(inputs), opts.num_tasks, opts.task_index)
+    total_bytes = sum(job["inputs"][i]["size"] for i in shares)
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
         disable=not opts.progress, desc="tokenize", file=sys.stderr,
@@ -385,7 +392,7 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
     ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
     with ProcessPoolExecutor(workers, ctx, _init_worker, (opts.tokenizer, os.getpid())) as pool:
         try:
-            for chunk in iter_chunks(inputs, opts.shard_bytes, opts.text_field):
+            for chunk in _task_chunks(inputs, shares, opts):
                 if failure is not None:
                     break
                 if chunk.error is not None and not opts.skip_bad_lines:

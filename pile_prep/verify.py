@@ -33,6 +33,7 @@ from pile_prep.shards import (
     read_json,
     shard_name,
 )
+from pile_prep.tasks import Share, task_shares
 from pile_prep.tokenize import usable_cores
 
 # Per read. Small enough that the block and numpy's temporaries stay in cache and are reused
@@ -327,21 +328,28 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
                     "tokenize command removes it)")  # fmt: skip
         elif file.startswith("shard-") and file.split(".")[0] not in names:
             out.add("stray", f"{file} is not listed in the manifest")
-    _check_coverage(records, out)
+    task = manifest.get("task", {"index": 0, "count": 1})
+    _check_coverage(records, task_shares(len(manifest["inputs"]), task["count"], task["index"]), out)
     return out.finish()
 
 
-def _check_coverage(records: list[dict[str, Any]], out: _Collector) -> None:
-    """Each input's shards are chunks 0, 1, 2, ... whose line ranges follow one another."""
+def _check_coverage(records: list[dict[str, Any]], shares: dict[int, Share], out: _Collector) -> None:
+    """Each input's shards are this task's chunks (0, 1, 2, ... for a whole input) with no
+    chunk missing, and, where no other task holds chunks in between, line ranges that follow
+    one another."""
     last: dict[int, dict[str, Any]] = {}
     for r in records:  # (in name order: by input, then chunk)
+        share = shares.get(r["input"])
+        if share is None:
+            out.add("gap", f"{r['name']}: input {r['input']} is not this task's")
+            continue
         prev = last.get(r["input"])
-        want_chunk = 0 if prev is None else prev["chunk"] + 1
+        want_chunk = share.phase if prev is None else prev["chunk"] + share.stride
         want_line = 1 if prev is None else prev["last_line"] + 1
         if r["chunk"] != want_chunk:
             out.add("gap", f"input {r['input']}: chunk {want_chunk} is missing (next shard is "
                     f"{r['name']})")  # fmt: skip
-        elif r["first_line"] != want_line:
+        elif share.stride == 1 and r["first_line"] != want_line:
             out.add("gap", f"input {r['input']}: {r['name']} starts at line {r['first_line']}, "
                     f"expected {want_line} (lines in no shard, or in two)")  # fmt: skip
         last[r["input"]] = r

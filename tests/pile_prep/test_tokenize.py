@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,9 @@ from click.testing import CliRunner
 
 from pile_prep.cli import main as cli
 from pile_prep.inputs import expand_inputs
+from pile_prep.shards import read_json
+from pile_prep.tasks import Share, task_shares
+from pile_prep.verify import verify
 from pile_prep.reader import ShardDataset
 from pile_prep.sample import write_sample_corpus
 from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
@@ -155,14 +159,33 @@ def test_directory_inputs_are_not_recursive_unless_asked(tmp_path):
         run([root], tmp_path / "none")
 
 
-def test_task_split_covers_inputs_once(sample_corpus, tmp_path):
-    corpus_dir = sample_corpus[0].parent
-    m0 = run([corpus_dir], tmp_path / "t0", num_tasks=2, task_index=0).manifest
-    m1 = run([corpus_dir], tmp_path / "t1", num_tasks=2, task_index=1).manifest
-    n0 = [Path(i["path"]).name for i in m0["inputs"]]
-    n1 = [Path(i["path"]).name for i in m1["inputs"]]
-    assert (n0, n1) == (["00.jsonl.zst", "val.jsonl.zst"], ["01.jsonl.zst"])
-    assert m0["task"] == {"index": 0, "count": 2}
+def test_task_shares_deal_whole_files_then_chunks():
+    assert task_shares(4, 2, 1) == {1: Share(1, 0), 3: Share(1, 0)}
+    assert task_shares(3, 2, 0) == {0: Share(1, 0), 2: Share(2, 0)}  # file 2 shared by chunk
+    assert task_shares(30, 64, 33) == {3: Share(3, 1)}  # tasks 3, 33, 63 share file 3
+    for files, tasks in ((3, 2), (2, 5), (30, 64), (30, 16)):
+        owners = Counter((f, c) for t in range(tasks) for f, share in task_shares(files, tasks, t).items()
+                         for c in range(64) if share.takes(c))  # fmt: skip
+        assert owners == Counter((f, c) for f in range(files) for c in range(64))
+
+
+def test_tasks_union_is_byte_identical_to_one_task(sample_corpus, tmp_path):
+    inputs = [sample_corpus[0], sample_corpus[0].parent / "val.jsonl.zst", sample_corpus[1]]
+    run(inputs, tmp_path / "one", shard_bytes=20_000)  # 3 files for 2 tasks:
+    m0 = run(inputs, tmp_path / "t0", shard_bytes=20_000, num_tasks=2, task_index=0).manifest
+    m1 = run(inputs, tmp_path / "t1", shard_bytes=20_000, num_tasks=2, task_index=1).manifest
+    assert m0["task"] == {"index": 0, "count": 2} and m0["inputs"] == m1["inputs"]
+    n0, n1 = ({r["name"] for r in m["shards"]} for m in (m0, m1))
+    assert {n[:11] for n in n0} == {"shard-00000", "shard-00002"}  # file 0 whole, file 2 shared
+    assert {n[:11] for n in n1} == {"shard-00001", "shard-00002"}
+    assert not n0 & n1
+    union = sorted(n0 | n1)
+    assert union == [r["name"] for r in read_json(tmp_path / "one" / "manifest.json")["shards"]]
+    for name in union:
+        task = tmp_path / ("t0" if name in n0 else "t1")
+        for ext in ("bin", "idx", "json"):
+            assert (task / f"{name}.{ext}").read_bytes() == (tmp_path / "one" / f"{name}.{ext}").read_bytes()
+    assert verify(tmp_path / "t0", workers=1).ok and verify(tmp_path / "t1", workers=1).ok
 
 
 def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
