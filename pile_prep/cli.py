@@ -32,9 +32,10 @@ def main() -> None:
 @click.option("--skip-bad-lines", is_flag=True, help="Count and report bad lines instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Delete the pile-prep files in OUTPUT and start again.")
 @click.option("--num-tasks", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Split the inputs across this many machines (one output dir each).")
+              help="Split the work across this many machines (one output dir each): whole "
+                   "files first, the rest by chunk.")
 @click.option("--task-index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="This machine's share: inputs[task_index::num_tasks].")
+              help="This machine's share, in [0, num_tasks).")
 @click.option("--recursive", "-r", is_flag=True,
               help="A directory INPUT also gives the files in its subdirectories.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
