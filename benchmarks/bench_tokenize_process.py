@@ -1,0 +1,126 @@
+"""`pile-prep tokenize` as a whole process against a plain script, and what the main process costs.
+
+On the same real-text corpus (see bench_tokenize.py), in one run:
+  (p) a plain single-process script: read the .jsonl.zst files, parse each line's JSON, NFC,
+      tiktoken `encode_to_numpy` (no writing), as a subprocess;
+  (t) `pile-prep tokenize --workers 1 -q` as a subprocess (main process + its one worker).
+Both timed whole process against whole process: wall and CPU (user + sys of the process tree),
+start-up included. Target: (p) / (t) wall >= 0.9.
+Also: the main process's CPU per GB of text (cutting inputs into chunks, with its start-up
+apart), the worker count at which one main process saturates (its GB/s of cutting over one
+worker's GB/s of tokenizing), and the peak RSS of the main process and of a worker at 2 workers.
+
+    python benchmarks/bench_tokenize_process.py [--mb 64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_tokenize import real_documents, write_corpus
+
+from pile_prep.inputs import iter_chunks
+
+PLAIN = """
+import json, sys, unicodedata, zstandard
+from pile_prep.tokenizer import QWEN_PATTERN, qwen_ranks
+import tiktoken
+enc = tiktoken.Encoding("q", pat_str=QWEN_PATTERN, mergeable_ranks=qwen_ranks(), special_tokens={})
+n = 0
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f)
+        rest = b""
+        while block := reader.read(1 << 20):
+            lines = (rest + block).split(b"\\n")
+            rest = lines.pop()
+            for line in lines:
+                if line:
+                    text = unicodedata.normalize("NFC", json.loads(line)["text"])
+                    n += len(enc.encode_to_numpy(text, disallowed_special=()))
+print(n)
+"""
+
+# The CLI in a process that reports its own peak RSS (VmHWM) when it ends.
+CLI_WITH_RSS = """
+import sys
+from pile_prep.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("main peak RSS MiB", int(line.split()[1]) / 1024)
+"""
+
+
+def timed(args: list[str]) -> tuple[float, float, str]:
+    """(wall s, CPU s of the process and its descendants, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=64, help="MB of text")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N (this machine is noisy)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_tokenize_process-"))
+    work.mkdir(parents=True, exist_ok=True)
+    docs = real_documents(int(args.mb * 1e6))
+    gb = sum(len(t.encode()) for t, _ in docs) / 1e9
+    inputs = [str(p) for p in write_corpus(docs, work, files=3)]
+    del docs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    print(f"corpus: {gb * 1e3:.0f} MB of text in {len(inputs)} .jsonl.zst files; best of {args.repeats}")
+
+    best: dict[str, tuple[float, float]] = {}
+    tokens = {}
+    for _ in range(args.repeats):  # interleaved, so that a slow phase of the machine hits both
+        wall, cpu, out = timed([sys.executable, "-c", PLAIN, *inputs])
+        tokens["p"] = int(out.split()[-1])
+        best["p"] = min(best.get("p", (1e9, 1e9)), (wall, cpu))
+        cli = [sys.executable, "-m", "pile_prep.cli", "tokenize", *inputs, "-q", "--overwrite"]
+        wall, cpu, out = timed([*cli, "-j", "1", "-o", str(work / "out-1")])
+        words = out.split()
+        tokens["t"] = int(words[0].replace(",", "")) - int(words[2].replace(",", ""))  # less EOS
+        best["t"] = min(best.get("t", (1e9, 1e9)), (wall, cpu))
+    (pw, pc), (tw, tc) = best["p"], best["t"]
+    assert tokens["p"] == tokens["t"], tokens  # the same work: every token, once
+    print(f"(p) plain script:                  {pw:6.2f} s wall, {pc:6.2f} s CPU ({tokens['p']:,} tokens)")
+    print(f"(t) pile-prep tokenize --workers 1: {tw:6.2f} s wall, {tc:6.2f} s CPU")
+    print(f"(p) / (t) wall = {pw / tw:.2f}, CPU = {pc / tc:.2f}   (target >= 0.9)")
+
+    # Main-process cutting: decompress + cut into chunks, as the main process does, alone.
+    t0 = time.process_time()
+    for _ in iter_chunks([Path(p) for p in inputs], 64 << 20, "text"):
+        pass
+    cut_cpu = time.process_time() - t0
+    worker_gb_s = gb / tc  # one worker's share of the whole-process CPU is nearly all of it
+    print(f"main process: {cut_cpu / gb:.2f} s CPU per GB of text cutting ({gb / cut_cpu:.2f} GB/s); "
+          f"one worker tokenizes {worker_gb_s * 1e3:.1f} MB/s: one main process feeds "
+          f"~{gb / cut_cpu / worker_gb_s:.0f} workers")
+
+    wall, cpu, out = timed([sys.executable, "-c", CLI_WITH_RSS, "tokenize", *inputs, "-q", "--overwrite",
+                            "-j", "2", "-o", str(work / "out-2")])  # fmt: skip
+    main_rss = float(out.split("main peak RSS MiB")[-1])
+    worker_rss = float(out.split("peak worker RSS ")[1].split()[0])
+    print(f"2 workers: {wall:.1f} s wall; peak RSS main {main_rss:.0f} MiB, worker {worker_rss:.0f} MiB "
+          f"(64 MiB chunks)")
+
+
+if __name__ == "__main__":
+    main()
