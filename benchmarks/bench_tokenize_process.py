@@ -6,9 +6,9 @@ On the same real-text corpus (see bench_tokenize.py), in one run:
   (t) `pile-prep tokenize --workers 1 -q` as a subprocess (main process + its one worker).
 Both timed whole process against whole process: wall and CPU (user + sys of the process tree),
 start-up included. Target: (p) / (t) wall >= 0.9.
-Also: the main process's CPU per GB of text (cutting inputs into chunks, with its start-up
-apart), the worker count at which one main process saturates (its GB/s of cutting over one
-worker's GB/s of tokenizing), and the peak RSS of the main process and of a worker at 2 workers.
+Also: the main process's CPU per GB of text beyond its start-up (workers read and cut their own
+inputs, so the main process does not bound reading), and the peak RSS of the main process and of
+a worker at 2 workers.
 
     python benchmarks/bench_tokenize_process.py [--mb 64] [--repeats 2]
 """
@@ -26,11 +26,9 @@ from pathlib import Path
 
 from bench_tokenize import real_documents, write_corpus
 
-from pile_prep.inputs import iter_chunks
-
 PLAIN = """
-import json, sys, unicodedata, zstandard
-from pile_prep.tokenizer import QWEN_PATTERN, qwen_ranks
+import json, sys, zstandard
+from pile_prep.tokenizer import QWEN_PATTERN, nfc, qwen_ranks
 import tiktoken
 enc = tiktoken.Encoding("q", pat_str=QWEN_PATTERN, mergeable_ranks=qwen_ranks(), special_tokens={})
 n = 0
@@ -43,7 +41,7 @@ for path in sys.argv[1:]:
             rest = lines.pop()
             for line in lines:
                 if line:
-                    text = unicodedata.normalize("NFC", json.loads(line)["text"])
+                    text = nfc(json.loads(line)["text"])  # (skips NFC-normalised text)
                     n += len(enc.encode_to_numpy(text, disallowed_special=()))
 print(n)
 """
@@ -52,12 +50,15 @@ print(n)
 CLI_WITH_RSS = """
 import sys
 from pile_prep.cli import main
+import resource
 try:
     main(sys.argv[1:], standalone_mode=False)
 finally:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             print("main peak RSS MiB", int(line.split()[1]) / 1024)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print("main CPU s", usage.ru_utime + usage.ru_stime)
 """
 
 
@@ -84,7 +85,6 @@ def main() -> None:
     gb = sum(len(t.encode()) for t, _ in docs) / 1e9
     inputs = [str(p) for p in write_corpus(docs, work, files=3)]
     del docs
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     print(f"corpus: {gb * 1e3:.0f} MB of text in {len(inputs)} .jsonl.zst files; best of {args.repeats}")
 
     best: dict[str, tuple[float, float]] = {}
@@ -104,23 +104,23 @@ def main() -> None:
     print(f"(t) pile-prep tokenize --workers 1: {tw:6.2f} s wall, {tc:6.2f} s CPU")
     print(f"(p) / (t) wall = {pw / tw:.2f}, CPU = {pc / tc:.2f}   (target >= 0.9)")
 
-    # Main-process cutting: decompress + cut into chunks, as the main process does, alone.
-    t0 = time.process_time()
-    for _ in iter_chunks([Path(p) for p in inputs], 64 << 20, "text"):
-        pass
-    cut_cpu = time.process_time() - t0
-    worker_gb_s = gb / tc  # one worker's share of the whole-process CPU is nearly all of it
-    print(f"main process: {cut_cpu / gb:.2f} s CPU per GB of text cutting ({gb / cut_cpu:.2f} GB/s); "
-          f"one worker tokenizes {worker_gb_s * 1e3:.1f} MB/s: one main process feeds "
-          f"~{gb / cut_cpu / worker_gb_s:.0f} workers")
+    # The main process reads no input (workers cut their own): its CPU is start-up (tokenizer
+    # load for the fingerprint, input hashes) plus bookkeeping per shard.
+    def main_run(paths: list[str], out: str) -> tuple[float, float, float, str]:
+        wall, _, text = timed([sys.executable, "-c", CLI_WITH_RSS, "tokenize", *paths, "-q",
+                               "--overwrite", "-j", "2", "-o", out])  # fmt: skip
+        cpu = float(text.split("main CPU s ")[1].split()[0])
+        return wall, cpu, float(text.split("main peak RSS MiB ")[1].split()[0]), text
 
-    wall, cpu, out = timed([sys.executable, "-c", CLI_WITH_RSS, "tokenize", *inputs, "-q", "--overwrite",
-                            "-j", "2", "-o", str(work / "out-2")])  # fmt: skip
-    main_rss = float(out.split("main peak RSS MiB")[-1])
-    worker_rss = float(out.split("peak worker RSS ")[1].split()[0])
+    tiny = work / "tiny.jsonl"
+    tiny.write_text('{"text": "one short document"}\n')
+    _, startup_cpu, _, _ = main_run([str(tiny)], str(work / "out-tiny"))
+    wall, cpu, main_rss, text = main_run(inputs, str(work / "out-2"))
+    worker_rss = float(text.split("peak worker RSS ")[1].split()[0])
+    print(f"main process: {cpu:.2f} s CPU of which {startup_cpu:.2f} s start-up: "
+          f"{(cpu - startup_cpu) / gb:.2f} s CPU per GB of text beyond start-up")
     print(f"2 workers: {wall:.1f} s wall; peak RSS main {main_rss:.0f} MiB, worker {worker_rss:.0f} MiB "
           f"(64 MiB chunks)")
-
 
 if __name__ == "__main__":
     main()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import queue
 import resource
 import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,14 +84,58 @@ def usable_cores() -> int:
 
 
 # --- worker side -------------------------------------------------------------------------------
-# Each worker process loads the tokenizer once (pool initializer) and keeps it for its life.
+# Each worker process loads the tokenizer once (pool initializer) and keeps it for its life,
+# with the queue its progress goes to and the event that tells it to stop after a failure.
 _worker_tokenizer = None
+_worker_progress = None
+_worker_stop = None
 
 
-def _init_worker(spec: str, parent: int) -> None:
-    global _worker_tokenizer
+def _init_worker(spec: str, parent: int, progress, stop) -> None:
+    global _worker_tokenizer, _worker_progress, _worker_stop
     _die_with(parent)
     _worker_tokenizer = load_tokenizer(spec)
+    _worker_progress, _worker_stop = progress, stop
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One worker call: the chunks of one input in `share` (the worker reads the input itself)."""
+
+    input_index: int
+    path: Path
+    share: Share
+
+
+def _tokenize_share(work: _Work, output: Path, opts: TokenizeOptions) -> dict:
+    """Cut the input, and tokenize (or find done) each chunk of the share, in order.
+
+    The worker decompresses and cuts the input itself: no chunk passes through the main
+    process. Chunks of other shares are cut and dropped (decompression is ~60x faster than
+    tokenizing, so a file shared by k workers costs each ~k/60 extra).
+    """
+    records, resumed = [], 0
+    for chunk in input_chunks(work.input_index, work.path, opts.shard_bytes, opts.text_field):
+        if not work.share.takes(chunk.chunk_index):
+            continue
+        if _worker_stop.is_set():  # another worker failed: stop between shards
+            break
+        if chunk.error is not None and not opts.skip_bad_lines:
+            raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
+        name = shard_name(chunk.input_index, chunk.chunk_index)
+        done = shard_is_done(output, name)
+        if done is not None and _same_input(done, chunk):
+            record, tokens = done, 0
+            resumed += 1
+        else:
+            if done is not None:  # a record of other input bytes is stale: redo the shard
+                (output / f"{name}.json").unlink()
+            record = _tokenize_chunk(chunk, output, opts.text_field, opts.skip_bad_lines)
+            tokens = record["tokens"]
+        records.append(record)
+        text_bytes = len(chunk.lines) if chunk.rows is None and tokens else 0
+        _worker_progress.put((chunk.input_index, chunk.progress, tokens, text_bytes))
+    return {"records": records, "resumed": resumed, "rss_mb": _peak_rss_mb()}
 
 
 def _die_with(parent: int) -> None:
@@ -143,7 +188,7 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
             "bad_lines": bad[:MAX_BAD_LINES_LISTED],
         }
     )
-    return {"record": record, "rss_mb": _peak_rss_mb()}
+    return record
 
 
 def _peak_rss_mb() -> float:
@@ -337,18 +382,16 @@ def _kept(output: Path) -> str:
             "the same command to resume")  # fmt: skip
 
 
-def _task_chunks(inputs: list[Path], shares: dict[int, Share], opts: TokenizeOptions):
-    """This task's chunks: a shared input is cut whole (the cut needs every byte before a
-    chunk), and only its chunks of this task are kept."""
-    for index, share in shares.items():
-        for chunk in input_chunks(index, inputs[index], opts.shard_bytes, opts.text_field):
-            if share.takes(chunk.chunk_index):
-                yield chunk
+def _works(shares: dict[int, Share], inputs: list[Path], workers: int) -> list[_Work]:
+    """The task's inputs as worker calls: whole shares, or with fewer inputs than workers, each
+    share split k ways (k = ceil(workers / inputs)) so that every worker has one."""
+    k = -(-workers // len(shares)) if len(shares) < workers else 1
+    return [_Work(i, inputs[i], Share(s.stride * k, s.phase + s.stride * j))
+            for i, s in shares.items() for j in range(k)]  # fmt: skip
 
 
 def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, start: float):
     workers = opts.workers or usable_cores()
-
     records: dict[str, dict] = {}
     resumed = tokens_run = bytes_run = 0
     rss = 0.0
@@ -360,70 +403,56 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
     )  # fmt: skip
     last_progress: dict[int, int] = {}
 
-    def advance(chunk: Chunk) -> None:
-        # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
-        end = chunk.progress or 0
-        prev = last_progress.get(chunk.input_index, 0)
-        if end > prev:
-            bar.update(end - prev)
-            last_progress[chunk.input_index] = end
-
-    pending: dict[Future, Chunk] = {}
-    failure: BaseException | None = None
-
-    def collect(done: set[Future]) -> None:
-        nonlocal tokens_run, bytes_run, rss, failure
-        for fut in done:
-            chunk = pending.pop(fut)
+    def advance(progress_queue) -> None:
+        nonlocal tokens_run, bytes_run
+        while True:
             try:
-                result = fut.result()
-            except BaseException as e:  # keep draining: other shards in flight still finish
-                failure = failure or e
-                continue
-            record = result["record"]
-            records[record["name"]] = record
-            tokens_run += record["tokens"]
-            bytes_run += len(chunk.lines) if chunk.rows is None else 0
-            rss = max(rss, result["rss_mb"])
-            advance(chunk)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
+                input_index, end, tokens, text_bytes = progress_queue.get_nowait()
+            except queue.Empty:
+                break
+            # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
+            # (Sharers of one input report ends out of order: the bar takes the furthest.)
+            prev = last_progress.get(input_index, 0)
+            if end and end > prev:
+                bar.update(end - prev)
+                last_progress[input_index] = end
+            tokens_run += tokens
+            bytes_run += text_bytes
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
 
+    failure: BaseException | None = None
     ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
-    with ProcessPoolExecutor(workers, ctx, _init_worker, (opts.tokenizer, os.getpid())) as pool:
+    progress, stop = ctx.Queue(), ctx.Event()
+    init = (opts.tokenizer, os.getpid(), progress, stop)
+    with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
+        pending = {pool.submit(_tokenize_share, w, output, opts) for w in _works(shares, inputs, workers)}
         try:
-            for chunk in _task_chunks(inputs, shares, opts):
-                if failure is not None:
-                    break
-                if chunk.error is not None and not opts.skip_bad_lines:
-                    raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
-                name = shard_name(chunk.input_index, chunk.chunk_index)
-                done = shard_is_done(output, name)
-                if done is not None and _same_input(done, chunk):
-                    records[name] = done
-                    resumed += 1
-                    advance(chunk)
-                    continue
-                if done is not None:  # a record of other input bytes is stale: redo the shard
-                    (output / f"{name}.json").unlink()
-                while len(pending) >= 2 * workers:  # bounded memory: at most 2 chunks per worker
-                    collect(wait(pending, return_when=FIRST_COMPLETED)[0])
-                pending[pool.submit(_tokenize_chunk, chunk, output, opts.text_field,
-                                    opts.skip_bad_lines)] = chunk  # fmt: skip
-        except (InputError, BrokenProcessPool) as e:
-            failure = failure or e
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                advance(progress)
+                for fut in done:
+                    try:
+                        result = fut.result()
+                    except BaseException as e:  # the others stop after their current shard
+                        failure = failure or e
+                        stop.set()
+                        continue
+                    records.update((r["name"], r) for r in result["records"])
+                    resumed += result["resumed"]
+                    rss = max(rss, result["rss_mb"])
         except BaseException:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
             raise
-        finally:
-            if pending:
-                collect(wait(pending)[0])
+    advance(progress)
     bar.close()
     if failure is not None:
         if isinstance(failure, InputError):
+            done = sum(1 for _ in output.glob("shard-*.json"))
             raise TokenizeError(
-                f"{failure}\n{len(records)} finished shards are kept in {output}: rerun the same "
+                f"{failure}\n{done} finished shards are kept in {output}: rerun the same "
                 "command to resume, with --skip-bad-lines to skip such lines"
             ) from failure
         if isinstance(failure, OutputError):
