@@ -16,7 +16,6 @@ a worker at 2 workers.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
