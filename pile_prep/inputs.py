@@ -1,7 +1,8 @@
 """Read Pile-format inputs: expand INPUT specs, cut each file into chunks, parse records.
 
-The main process only decompresses and cuts whole lines into chunks (memchr speed); workers
-parse JSON and tokenize. Chunk boundaries depend on the bytes alone (docs/FORMAT.md).
+Each tokenize worker decompresses and cuts its own input into chunks of whole lines (memchr
+speed), then parses and tokenizes them. Chunk boundaries depend on the bytes alone
+(docs/FORMAT.md).
 """
 
 from __future__ import annotations
