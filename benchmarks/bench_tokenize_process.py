@@ -116,8 +116,11 @@ def main() -> None:
     _, startup_cpu, _, _ = main_run([str(tiny)], str(work / "out-tiny"))
     wall, cpu, main_rss, text = main_run(inputs, str(work / "out-2"))
     worker_rss = float(text.split("peak worker RSS ")[1].split()[0])
-    print(f"main process: {cpu:.2f} s CPU of which {startup_cpu:.2f} s start-up: "
-          f"{(cpu - startup_cpu) / gb:.2f} s CPU per GB of text beyond start-up")
+    per_gb = max(cpu - startup_cpu, 1e-3) / gb
+    worker_gb_s = gb / tc  # one worker: nearly all of --workers 1's CPU
+    print(f"main process: {cpu:.2f} s CPU of which {startup_cpu:.2f} s start-up: {per_gb:.2f} s CPU "
+          f"per GB of text beyond start-up; at {worker_gb_s * 1e3:.1f} MB/s per worker it keeps up "
+          f"with ~{1 / per_gb / worker_gb_s:.0f} workers (each worker reads its own input)")
     print(f"2 workers: {wall:.1f} s wall; peak RSS main {main_rss:.0f} MiB, worker {worker_rss:.0f} MiB "
           f"(64 MiB chunks)")
 
