@@ -284,9 +284,11 @@ def _lock(output: Path) -> int:
         raise TokenizeError(f"cannot use {output} as the output directory: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise TokenizeError(f"{output}: another pile-prep tokenize is writing to it") from None
+    except OSError:
+        pass  # a file system without flock (some Lustre mounts): run one job per directory
     return fd
 
 

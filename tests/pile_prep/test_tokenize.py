@@ -338,11 +338,22 @@ def test_failed_write_exits_1_in_one_line_and_rerun_completes(tmp_path):
     assert_same_dirs(tmp_path / "ref", out)
 
 
-def test_unusable_output_path_is_one_line(sample_corpus, tmp_path):
+def test_unusable_or_busy_output_is_one_line(sample_corpus, tmp_path):
+    import fcntl
+
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(cli, ["tokenize", str(sample_corpus[0]), "-o", str(tmp_path / "file"), "-q"])
     assert result.exit_code == 1
     assert result.output == f"Error: --output {tmp_path / 'file'} is a file, not a directory\n"
+    (tmp_path / "busy").mkdir()
+    fd = os.open(tmp_path / "busy", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running tokenize holds it
+    try:
+        result = CliRunner().invoke(cli, ["tokenize", str(sample_corpus[0]), "-o", str(tmp_path / "busy")])
+    finally:
+        os.close(fd)
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path / 'busy'}: another pile-prep tokenize is writing to it\n"
 
 
 def test_overwrite_starts_again(sample_corpus, tmp_path):
