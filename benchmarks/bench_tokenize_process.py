@@ -8,7 +8,7 @@ Both timed whole process against whole process: wall and CPU (user + sys of the 
 start-up included. Target: (p) / (t) wall >= 0.9.
 Also: the main process's CPU per GB of text beyond its start-up (workers read and cut their own
 inputs, so the main process does not bound reading), and the peak RSS of the main process and of
-a worker at 2 workers.
+a worker at 2 workers, and the time to cut one huge line against as many bytes of short lines.
 
     python benchmarks/bench_tokenize_process.py [--mb 64] [--repeats 2]
 """
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=64, help="MB of text")
     parser.add_argument("--repeats", type=int, default=2, help="best of N (this machine is noisy)")
     parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    parser.add_argument("--huge-mb", type=float, default=300, help="MB of the one-line input")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_tokenize_process-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,25 @@ def main() -> None:
           f"with ~{1 / per_gb / worker_gb_s:.0f} workers (each worker reads its own input)")
     print(f"2 workers: {wall:.1f} s wall; peak RSS main {main_rss:.0f} MiB, worker {worker_rss:.0f} MiB "
           f"(64 MiB chunks)")
+    huge_line_ratio(work, args.huge_mb)
+
+
+def huge_line_ratio(work: Path, mb: float) -> None:
+    """Cutting one line of `mb` MB against cutting `mb` MB of 1 kB lines: ~1 when linear."""
+    from pile_prep.inputs import iter_chunks
+
+    n = int(mb * 1e6)
+    (work / "huge.jsonl").write_bytes(b'{"text": "' + b"x" * n + b'"}\n')
+    (work / "lines.jsonl").write_bytes((b'{"text": "' + b"x" * 1000 + b'"}\n') * (n // 1013))
+    seconds = {}
+    for name in ("lines", "huge"):
+        t0 = time.perf_counter()
+        for _ in iter_chunks([work / f"{name}.jsonl"], 64 << 20, "text"):
+            pass
+        seconds[name] = time.perf_counter() - t0
+    print(f"cutting a {mb:.0f} MB line: {seconds['huge']:.2f} s, {mb:.0f} MB of 1 kB lines: "
+          f"{seconds['lines']:.2f} s; ratio {seconds['huge'] / seconds['lines']:.2f} (linear: ~1)")
+
 
 if __name__ == "__main__":
     main()
