@@ -15,7 +15,7 @@ import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_pieces(self, text: str) -> list[Sequence[int]]: ...
+    def encode_pieces(self, text: str) -> Iterator[Sequence[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -67,7 +67,7 @@ def nfc(text: str) -> str:
     return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
-def _safe_pieces(text: str) -> list[str]:
+def _safe_pieces(text: str) -> Iterator[str]:
     """Cut text every ~_PIECE_CHARS chars, after a newline that starts a non-blank line.
 
     A safe cut is after "\n" followed by spaces or tabs and then a non-space character. No
@@ -75,11 +75,13 @@ def _safe_pieces(text: str) -> list[str]:
     last newline of its run (and the next newline is on a later line), and the scan resumes
     after it exactly as it would at the start of a text. BPE never merges across pre-tokens,
     and NFC never composes across a newline, so encoding the pieces one by one gives exactly
-    the ids of the whole text, while holding only one piece's ids at a time.
+    the ids of the whole text, while holding only one piece's ids at a time (a generator: each
+    piece is cut when the caller asks for it).
     """
     if len(text) <= _PIECE_CHARS:
-        return [text]
-    pieces, start, n = [], 0, len(text)
+        yield text
+        return
+    start, n = 0, len(text)
     while n - start > _PIECE_CHARS:
         cut = text.find("\n", start + _PIECE_CHARS)
         while cut >= 0:
@@ -91,10 +93,9 @@ def _safe_pieces(text: str) -> list[str]:
             cut = text.find("\n", j)
         if cut < 0:
             break
-        pieces.append(text[start : cut + 1])
+        yield text[start : cut + 1]
         start = cut + 1
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 # How a document's added-token strings are encoded. Part of the fingerprint: outputs of
@@ -154,16 +155,18 @@ class TiktokenTokenizer:
         self.fingerprint = _fingerprint(self._id_to_bytes, QWEN_PATTERN)
 
     def encode(self, text: str) -> list[int]:
-        return np.concatenate(self.encode_pieces(text)).tolist()
+        return np.concatenate(list(self.encode_pieces(text))).tolist()
 
-    def encode_pieces(self, text: str) -> list[np.ndarray]:
-        """uint32 ids of `text` in bounded pieces (the writer writes each piece as it comes).
+    def encode_pieces(self, text: str) -> Iterator[np.ndarray]:
+        """uint32 ids of `text` in bounded pieces, each encoded when the caller (the shard
+        writer) asks for it, so a long document's ids are never all in memory at once.
 
         `encode_to_numpy` with no special token allowed or disallowed encodes exactly as
         `encode_ordinary`, but hands back one uint32 buffer instead of a list of Python ints:
         ~8% faster, and nothing per token to convert or free.
         """
-        return [self._enc.encode_to_numpy(p, disallowed_special=()) for p in _safe_pieces(nfc(text))]
+        for piece in _safe_pieces(nfc(text)):
+            yield self._enc.encode_to_numpy(piece, disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")
@@ -244,10 +247,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return [i for piece in self.encode_pieces(text) for i in piece]
 
-    def encode_pieces(self, text: str) -> list[Sequence[int]]:
-        return [
-            self._tok.encode(p, add_special_tokens=False).ids for p in _safe_pieces(nfc(text))
-        ]
+    def encode_pieces(self, text: str) -> Iterator[Sequence[int]]:
+        for piece in _safe_pieces(nfc(text)):
+            yield self._tok.encode(piece, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")

@@ -159,9 +159,15 @@ def test_long_document_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
     )  # fmt: skip
     whole = tiktoken_tok.encode(text)
     monkeypatch.setattr(tokmod, "_PIECE_CHARS", 1000)
-    pieces = tiktoken_tok.encode_pieces(text)
+    pieces = list(tiktoken_tok.encode_pieces(text))
     assert len(pieces) > 50
     assert [i for p in pieces for i in p] == whole
+    # Lazily: the writer has the first piece's ids before the next piece is even encoded.
+    calls = []
+    encode = tiktoken_tok._enc.encode_to_numpy
+    monkeypatch.setattr(tiktoken_tok._enc, "encode_to_numpy", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    first = next(iter(tiktoken_tok.encode_pieces(text)))
+    assert len(calls) == 1 and first.tolist() == pieces[0].tolist()
 
 
 def test_bad_tokenizer_spec_is_clear(tmp_path):
@@ -185,5 +191,5 @@ def test_random_texts_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
     texts = ["".join(rng.choices(fragments, k=600)) for _ in range(300)]
     whole = [tiktoken_tok.encode(t) for t in texts]
     monkeypatch.setattr(tokmod, "_PIECE_CHARS", 40)
-    assert sum(len(tiktoken_tok.encode_pieces(t)) for t in texts) > 3000
+    assert sum(len(list(tiktoken_tok.encode_pieces(t))) for t in texts) > 3000
     assert [tiktoken_tok.encode(t) for t in texts] == whole
