@@ -238,7 +238,9 @@ def _differences(old: dict, new: dict) -> list[str]:
                 was, now = old_in[p], new_in[p]
                 if was["size"] != now["size"]:
                     diffs.append(f"input {p} changed size ({was['size']} -> {now['size']} bytes)")
-                elif was.get("head_tail") != now["head_tail"]:
+                elif "head_tail" not in was:
+                    diffs.append(f"input {p} recorded by an older pile-prep (no content hash)")
+                elif was["head_tail"] != now["head_tail"]:
                     diffs.append(f"input {p} changed (its first or last MiB differ)")
             if not diffs:
                 diffs.append("inputs given in a different order")
