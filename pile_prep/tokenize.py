@@ -245,7 +245,9 @@ def _differences(old: dict, new: dict) -> list[str]:
             if not diffs:
                 diffs.append("inputs given in a different order")
         elif key == "tokenizer" and old.get(key, {}).get("fingerprint") != new[key]["fingerprint"]:
-            diffs.append(f"tokenizer {old.get(key, {}).get('name')} -> {new[key]['name']}")
+            was = old.get(key, {})
+            diffs.append(f"tokenizer {was.get('name')} ({was.get('fingerprint')}) -> "
+                         f"{new[key]['name']} ({new[key]['fingerprint']})")  # fmt: skip
         elif key not in ("inputs", "tokenizer") and old.get(key) != new[key]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
     return diffs
