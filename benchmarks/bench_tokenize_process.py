@@ -26,22 +26,17 @@ from pathlib import Path
 from bench_tokenize import real_documents, write_corpus
 
 PLAIN = """
-import json, sys, zstandard
+import io, json, sys, zstandard
 from pile_prep.tokenizer import QWEN_PATTERN, nfc, qwen_ranks
 import tiktoken
 enc = tiktoken.Encoding("q", pat_str=QWEN_PATTERN, mergeable_ranks=qwen_ranks(), special_tokens={})
 n = 0
 for path in sys.argv[1:]:
     with open(path, "rb") as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f)
-        rest = b""
-        while block := reader.read(1 << 20):
-            lines = (rest + block).split(b"\\n")
-            rest = lines.pop()
-            for line in lines:
-                if line:
-                    text = nfc(json.loads(line)["text"])  # (skips NFC-normalised text)
-                    n += len(enc.encode_to_numpy(text, disallowed_special=()))
+        for line in io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f), 1 << 20):
+            if line.strip():
+                text = nfc(json.loads(line)["text"])  # (skips NFC-normalised text)
+                n += len(enc.encode_to_numpy(text, disallowed_special=()))
 print(n)
 """
 
