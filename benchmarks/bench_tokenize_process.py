@@ -8,7 +8,7 @@ Both timed whole process against whole process: wall and CPU (user + sys of the 
 start-up included. Target: (p) / (t) wall >= 0.9.
 Also: the main process's CPU per GB of text beyond its start-up (workers read and cut their own
 inputs, so the main process does not bound reading), and the peak RSS of the main process and of
-a worker at 2 workers, and the time to cut one huge line against as many bytes of short lines.
+a worker at 2 workers, and how the time to cut one huge line grows with its length.
 
     python benchmarks/bench_tokenize_process.py [--mb 64] [--repeats 2]
 """
@@ -123,21 +123,20 @@ def main() -> None:
 
 
 def huge_line_ratio(work: Path, mb: float) -> None:
-    """Cutting one line of `mb` MB against cutting `mb` MB of 1 kB lines: ~1 when linear."""
+    """Cutting one line of 2N MB against one of N MB: ~2 when linear, ~4 when quadratic."""
     from pile_prep.inputs import iter_chunks
 
-    n = int(mb * 1e6)
-    (work / "huge.jsonl").write_bytes(b'{"text": "' + b"x" * n + b'"}\n')
-    (work / "lines.jsonl").write_bytes((b'{"text": "' + b"x" * 1000 + b'"}\n') * (n // 1013))
     seconds = {}
-    for name in ("lines", "huge"):
+    for size in (mb / 2, mb):
+        path = work / "huge.jsonl"
+        path.write_bytes(b'{"text": "' + b"x" * int(size * 1e6) + b'"}\n')
         t0 = time.perf_counter()
-        for _ in iter_chunks([work / f"{name}.jsonl"], 64 << 20, "text"):
+        for _ in iter_chunks([path], 64 << 20, "text"):
             pass
-        seconds[name] = time.perf_counter() - t0
-    print(f"cutting a {mb:.0f} MB line: {seconds['huge']:.2f} s, {mb:.0f} MB of 1 kB lines: "
-          f"{seconds['lines']:.2f} s; ratio {seconds['huge'] / seconds['lines']:.2f} (linear: ~1)")
-
+        seconds[size] = time.perf_counter() - t0
+        path.unlink()
+    print(f"cutting one line of {mb / 2:.0f} / {mb:.0f} MB: {seconds[mb / 2]:.2f} / {seconds[mb]:.2f} s; "
+          f"ratio {seconds[mb] / seconds[mb / 2]:.2f} (linear ~2, quadratic ~4)")
 
 if __name__ == "__main__":
     main()
