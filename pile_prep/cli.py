@@ -39,17 +39,23 @@ def main() -> None:
 @click.option("--skip-bad-lines", is_flag=True, help="Count and report bad lines instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Delete the pile-prep files in OUTPUT and start again.")
 @click.option("--num-tasks", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Split the inputs across this many machines (one output dir each).")
+              help="Split the work across this many machines (one output dir each): whole "
+                   "files first, the rest by chunk.")
 @click.option("--task-index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="This machine's share: inputs[task_index::num_tasks].")
+              help="This machine's share, in [0, num_tasks).")
+@click.option("--recursive", "-r", is_flag=True,
+              help="A directory INPUT also gives the files in its subdirectories.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_bad_lines,
-                 overwrite, num_tasks, task_index, quiet) -> None:  # fmt: skip
-    """Tokenize INPUTS (.jsonl.zst/.jsonl/.jsonl.gz/.parquet files, dirs or globs) into shards."""
+                 overwrite, num_tasks, task_index, recursive, quiet) -> None:  # fmt: skip
+    """Tokenize INPUTS (.jsonl.zst/.jsonl/.jsonl.gz/.parquet files, dirs or globs) into shards.
+
+    A directory gives the files directly inside it (--recursive: also in subdirectories)."""
     opts = TokenizeOptions(
         inputs=list(inputs), output=output, workers=workers, tokenizer=tokenizer,
         text_field=text_field, shard_bytes=int(shard_mb * 2**20), skip_bad_lines=skip_bad_lines,
         overwrite=overwrite, num_tasks=num_tasks, task_index=task_index, progress=not quiet,
+        recursive=recursive,
     )  # fmt: skip
     try:
         s = tokenize(opts)
@@ -130,6 +136,27 @@ def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json) -> None:
         click.echo(inspect_report(dirs, decode, docs, show_tokens, tokenizer, as_json))
     except (ShardError, TokenizerError, IndexError) as e:
         raise click.ClickException(str(e)) from None
+
+
+@main.group("export")
+def export_group() -> None:
+    """Write shard directories in another framework's format."""
+
+
+@export_group.command("megatron")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", "prefix", required=True, type=click.Path(path_type=Path),
+              metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
+def export_megatron_cmd(dirs, prefix) -> None:
+    """Megatron-LM / NeMo / GPT-NeoX indexed dataset of DIRS: one sequence per document."""
+    from pile_prep.export import ExportError, export_megatron
+
+    try:
+        s = export_megatron(dirs, prefix)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{s.documents:,} documents, {s.tokens:,} tokens -> {s.bin_path}, {s.idx_path} "
+               f"({s.seconds:.1f} s)")  # fmt: skip
 
 
 @main.command("verify")

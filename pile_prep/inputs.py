@@ -1,7 +1,8 @@
 """Read Pile-format inputs: expand INPUT specs, cut each file into chunks, parse records.
 
-The main process only decompresses and cuts whole lines into chunks (memchr speed); workers
-parse JSON and tokenize. Chunk boundaries depend on the bytes alone (docs/FORMAT.md).
+Each tokenize worker decompresses and cuts its own input into chunks of whole lines (memchr
+speed), then parses and tokenizes them. Chunk boundaries depend on the bytes alone
+(docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
+import xxhash
 import zstandard
 
 SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl", ".jsonl.gz", ".parquet")
 UNKNOWN_SOURCE = "unknown"
 _READ_SIZE = 1 << 20
+# job.json identifies an input by its size and a hash of its first and last MiB (4 ms of reading
+# per file, whatever its size); each shard also records a hash of its own input bytes.
+_IDENTITY_BYTES = 1 << 20
 
 
 class InputError(Exception):
@@ -33,13 +39,23 @@ class InputError(Exception):
         return InputError, (self.path, self.line, self.reason)
 
 
-def expand_inputs(specs: list[str]) -> list[Path]:
-    """Files, directories (their supported files, sorted) or globs (sorted), in argument order."""
+def expand_inputs(specs: list[str], recursive: bool = False) -> list[Path]:
+    """Files, directories (their supported files, sorted) or globs (sorted), in argument order.
+
+    A directory gives the files directly inside it; `recursive` also those in its
+    subdirectories (never by default: The Pile's root holds `val/` and `test/` next to `train/`).
+    """
     paths: list[Path] = []
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
+                           if f.is_file() and f.name.endswith(SUFFIXES))  # fmt: skip
+            if not found and not recursive:
+                deeper = sum(1 for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+                if deeper:
+                    raise InputError(spec, None, f"no Pile input files directly inside ({deeper} in "
+                                     "subdirectories: name them, or pass --recursive)")  # fmt: skip
         elif p.is_file():
             if not p.name.endswith(SUFFIXES):
                 raise InputError(p, None, f"unsupported file type (expected {', '.join(SUFFIXES)})")
@@ -51,6 +67,22 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         paths.extend(found)
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     return unique
+
+
+def input_identity(path: Path) -> dict:
+    """{"path", "size", "head_tail"}: the input as job.json records it.
+
+    Not the mtime: a copy or a `touch` changes it without changing a byte, and the output must
+    stay a function of the input bytes. An edit that keeps the size and both ends is caught by
+    the shard records' `input_checksum` instead.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h = xxhash.xxh3_128(f.read(_IDENTITY_BYTES))
+        if size > 2 * _IDENTITY_BYTES:
+            f.seek(size - _IDENTITY_BYTES)
+        h.update(f.read(_IDENTITY_BYTES))
+    return {"path": str(path), "size": size, "head_tail": "xxh3_128:" + h.hexdigest()}
 
 
 @dataclass
@@ -66,6 +98,18 @@ class Chunk:
     lines: bytes = b""  # JSONL: whole lines
     rows: tuple[list, list] | None = None  # Parquet: (texts, sources)
     error: str | None = None  # the input broke after this chunk (kept under --skip-bad-lines)
+
+
+def chunk_checksum(chunk: Chunk) -> str:
+    """XXH3-128 of the chunk's input: its line bytes, or (Parquet) each row's text and source."""
+    if chunk.rows is None:
+        return "xxh3_128:" + xxhash.xxh3_128(chunk.lines).hexdigest()
+    h = xxhash.xxh3_128()
+    for text, source in zip(*chunk.rows):
+        for value in (text, source):
+            data = (value if isinstance(value, str) else repr(value)).encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little") + data)
+    return "xxh3_128:" + h.hexdigest()
 
 
 class _ZstdStream:
@@ -132,14 +176,19 @@ def _jsonl_chunks(index: int, path: Path, shard_bytes: int) -> Iterator[Chunk]:
             chunk_index += 1
             return chunk
 
+        scanned = 0  # bytes of buf known to hold no newline past shard_bytes - 1
         try:
             for block in _open_blocks(path, f):
                 buf += block
                 while len(buf) >= shard_bytes:
-                    end = buf.find(b"\n", shard_bytes - 1)
+                    # Resume the search where the last one stopped: a line of many blocks is
+                    # scanned once (linear), not once per block (quadratic).
+                    end = buf.find(b"\n", max(shard_bytes - 1, scanned))
                     if end < 0:
+                        scanned = len(buf)
                         break
                     yield cut(end + 1)
+                    scanned = 0
         except (zstandard.ZstdError, ValueError, OSError, EOFError, zlib.error) as e:
             error = f"corrupt or truncated input: {e}"
         if error is not None:
@@ -196,10 +245,14 @@ def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -
 def iter_chunks(inputs: list[Path], shard_bytes: int, text_field: str) -> Iterator[Chunk]:
     """Every chunk of every input, in order."""
     for index, path in enumerate(inputs):
-        if path.name.endswith(".parquet"):
-            yield from _parquet_chunks(index, path, shard_bytes, text_field)
-        else:
-            yield from _jsonl_chunks(index, path, shard_bytes)
+        yield from input_chunks(index, path, shard_bytes, text_field)
+
+
+def input_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -> Iterator[Chunk]:
+    """Every chunk of one input, numbered as input `index` of its job."""
+    if path.name.endswith(".parquet"):
+        return _parquet_chunks(index, path, shard_bytes, text_field)
+    return _jsonl_chunks(index, path, shard_bytes)
 
 
 def _source_of(meta: object) -> str:
@@ -222,20 +275,51 @@ class Record:
     blank: bool = False  # a whitespace-only line: no record (HF's json reader skips it too)
 
 
+def _is_blank(raw: bytes) -> bool:
+    """Empty, or only JSON whitespace (space, tab, CR): what Hugging Face's JSON reader skips.
+
+    A form feed or vertical tab is not JSON whitespace: such a line is not JSON, here and in
+    the streaming reader alike. (isspace first: no copy of a long line.)
+    """
+    return not raw or (raw.isspace() and not raw.translate(None, b" \t\r"))
+
+
+def _duplicated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj[_DUPLICATES] = [k for k, _ in pairs if k in seen or seen.add(k)]
+    return obj
+
+
+_DUPLICATES = "\0duplicated keys"  # (no JSON key of a real record holds a NUL)
+
+
 def parse_line(raw: bytes, line: int, text_field: str) -> Record:
-    if not raw or raw.isspace():  # (isspace: no copy of a long line)
+    """One JSONL line as a record. The edge cases decide as the streaming reader does: a UTF-8
+    BOM, a form feed, a duplicated text key or a null text make a bad line (docs/FORMAT.md)."""
+    if _is_blank(raw):
         return Record(line, None, "", blank=True)
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        decoded = raw.decode("utf-8")
+        # Python keeps the last of duplicated keys, Arrow refuses the line: refuse it too. The
+        # hook costs, so only where the key's name occurs twice.
+        twice = raw.count(b'"' + text_field.encode() + b'"') > 1
+        obj = json.loads(decoded, object_pairs_hook=_duplicated) if twice else json.loads(decoded)
     except UnicodeDecodeError as e:
         return Record(line, None, "", f"invalid UTF-8 at byte {e.start}")
     except ValueError as e:
         return Record(line, None, "", f"not JSON: {e}")
     if not isinstance(obj, dict):
         return Record(line, None, "", f"not a JSON object: {type(obj).__name__}")
+    if text_field in obj.get(_DUPLICATES, ()):
+        return Record(line, None, "", f"duplicated {text_field!r} key")
     text = obj.get(text_field)
     if not isinstance(text, str):
-        what = "no" if text is None else f"non-string ({type(text).__name__})"
+        if text_field not in obj:
+            what = "no"
+        else:
+            what = "null" if text is None else f"non-string ({type(text).__name__})"
         return Record(line, None, "", f"{what} {text_field!r} field")
     source = _source_of(obj.get("meta"))
     if b"\\u" in raw:  # only a \uXXXX escape can smuggle a lone surrogate past UTF-8 decoding

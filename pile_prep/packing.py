@@ -11,7 +11,7 @@ Letters: S sequence length (tokens of input per block).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 Key = TypeVar("Key", bound=Hashable)
 
 
-def document_tokens(pieces: Sequence[Sequence[int]], eos_id: int) -> list[np.ndarray]:
+def document_tokens(pieces: Iterable[Sequence[int]], eos_id: int) -> list[np.ndarray]:
     """A document as the offline shards hold it: its token pieces, then one EOS id."""
     return [np.asarray(p, dtype=np.int64) for p in pieces] + [np.array([eos_id], np.int64)]
 

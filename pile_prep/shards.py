@@ -38,6 +38,24 @@ def encode_index(offsets: np.ndarray, sources: np.ndarray) -> bytes:
     return header + offsets.astype("<u8").tobytes() + sources.astype("<u2").tobytes()
 
 
+class OutputError(Exception):
+    """A write into the output directory failed (disk full, file size limit, permissions)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot write {path}: {reason}")
+
+    def __reduce__(self):  # raised in worker processes: pickle with the real arguments
+        return OutputError, (self.path, self.reason)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the directory itself became unusable: the error being raised says so
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -51,19 +69,31 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
+def is_temp(name: str) -> bool:
+    return ".tmp-" in name
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all; on a failed write no temp file stays (OutputError)."""
     tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise OutputError(path, e.strerror or str(e)) from None
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomically write `obj` as deterministic JSON (sorted keys are not used: order is meaning)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise OutputError(path.parent, e.strerror or str(e)) from None
 
 
 def read_json(path: Path) -> Any:
@@ -81,7 +111,10 @@ class ShardWriter:
         self.directory, self.name = directory, name
         self._bin = directory / f"{name}.bin"
         self._tmp_bin = _tmp(self._bin)
-        self._file = open(self._tmp_bin, "wb", buffering=1 << 20)
+        try:
+            self._file = open(self._tmp_bin, "wb", buffering=1 << 20)
+        except OSError as e:
+            raise OutputError(self._bin, e.strerror or str(e)) from None
         self._hash = xxhash.xxh3_128()
         self._offsets = [0]
         self._source_ids: list[int] = []
@@ -97,7 +130,10 @@ class ShardWriter:
             tokens = array("I", ids)
             if sys.byteorder == "big":
                 tokens.byteswap()
-        self._file.write(tokens)
+        try:
+            self._file.write(tokens)
+        except OSError as e:
+            raise OutputError(self._bin, e.strerror or str(e)) from None
         self._hash.update(tokens)
         self._tokens += len(tokens)
 
@@ -113,13 +149,24 @@ class ShardWriter:
         self._doc_start = self._tokens
 
     def commit(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Rename bin and idx into place, then write the record (the shard's done mark)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp_bin, self._bin)
+        """Rename bin and idx into place, then write the record (the shard's done mark).
+
+        On a failed write nothing of the shard stays: no temp file, no .bin without its record.
+        """
         index = encode_index(np.array(self._offsets, np.uint64), np.array(self._source_ids))
-        atomic_write_bytes(self.directory / f"{self.name}.idx", index)
+        try:
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._tmp_bin, self._bin)
+            except OSError as e:
+                raise OutputError(self._bin, e.strerror or str(e)) from None
+            atomic_write_bytes(self.directory / f"{self.name}.idx", index)
+        except OutputError:
+            self.abort()
+            _unlink_quietly(self._bin)
+            raise
         record = {
             "name": self.name,
             **record,
@@ -130,12 +177,20 @@ class ShardWriter:
                 {"name": s, "tokens": t, "documents": d} for s, (_, t, d) in self._sources.items()
             ],
         }
-        write_json(self.directory / f"{self.name}.json", record)
+        try:
+            write_json(self.directory / f"{self.name}.json", record)
+        except OutputError:
+            _unlink_quietly(self._bin)
+            _unlink_quietly(self.directory / f"{self.name}.idx")
+            raise
         return record
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp_bin.unlink(missing_ok=True)
+        try:
+            self._file.close()
+        except OSError:
+            pass  # flushing the buffer hits the error that made us abort: drop it
+        _unlink_quietly(self._tmp_bin)
 
 
 def size_problem(directory: Path, record: dict[str, Any], source: str = "the record") -> str | None:

@@ -109,6 +109,35 @@ def reader_files(files: list[str], reader: int, readers: int) -> list[_Work]:
     ]
 
 
+class StreamingWarning(UserWarning):
+    """A streaming setup that works but wastes reading (more readers than files)."""
+
+
+def read_amplification(files: int, readers: int) -> float:
+    """Input bytes read in total per input byte, for `files` files of equal size.
+
+    A file dealt out whole is read once; each of the F mod R shared files is read by every one
+    of the R readers (each parses all its records to keep every R-th).
+    """
+    whole = files // readers * readers
+    return (whole + readers * (files - whole)) / files
+
+
+def amplification_warning(files: int, world_size: int, num_workers: int) -> str | None:
+    """The warning for readers that outnumber (or do not divide) the files, else None."""
+    readers = world_size * max(1, num_workers)
+    shared = files % readers
+    if shared == 0:
+        return None
+    amplification = read_amplification(files, readers)
+    enough = -(-files // readers) * readers
+    return (f"streaming: {files} input files for {readers} readers ({world_size} ranks x "
+            f"{max(1, num_workers)} DataLoader workers): {shared} files are decompressed and "
+            f"parsed by every reader, {amplification:.1f}x the reading of the inputs; with a "
+            f"multiple of {readers} files (e.g. {enough}) each is read once: re-cut them into "
+            f"{enough} files (docs/STREAMING.md, 'Fewer files than readers')")  # fmt: skip
+
+
 def _builder(path: str) -> str:
     """The `datasets` packaged builder that reads `path`."""
     if path.endswith(".parquet"):
@@ -148,8 +177,9 @@ def _texts(path: str, text_field: str, skip: int) -> Iterator[str]:
             raise StreamingError(f"{path}: no field {text_field!r} (fields: {', '.join(batch)})")
         for text in batch[text_field]:
             if not isinstance(text, str):
+                what = "null" if text is None else type(text).__name__
                 raise StreamingError(
-                    f"{path}, record {record + 1}: {text_field!r} is {type(text).__name__}, "
+                    f"{path}, record {record + 1}: {text_field!r} is {what}, "
                     "not a string (pile-prep tokenize --skip-bad-lines can skip such records)"
                 )
             yield text
@@ -367,6 +397,9 @@ def make_streaming_loader(
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     dataset = StreamingTokenDataset(cfg, seq_len, rank, world_size, tokenizer)
+    message = amplification_warning(len(dataset.files), world_size, num_workers)
+    if message is not None and rank == 0:  # once per job, not once per rank
+        warnings.warn(message, StreamingWarning, stacklevel=2)
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which torch now deprecates: nothing the user can act on.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")

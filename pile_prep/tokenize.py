@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
+import queue
 import resource
 import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pile_prep.inputs import Chunk, InputError, expand_inputs, iter_chunks, iter_records
+from pile_prep.inputs import (
+    Chunk,
+    InputError,
+    chunk_checksum,
+    expand_inputs,
+    input_identity,
+    input_chunks,
+    iter_records,
+)
+from pile_prep.tasks import Share, task_shares
 from pile_prep.shards import (
     FORMAT,
     FORMAT_VERSION,
     JOB,
     MANIFEST,
     MAX_BAD_LINES_LISTED,
+    OutputError,
     ShardWriter,
+    is_temp,
     read_json,
     shard_is_done,
     shard_name,
@@ -40,7 +54,7 @@ class TokenizeError(Exception):
 
 @dataclass
 class TokenizeOptions:
-    inputs: list[str]  # files, directories or globs
+    inputs: list[str]  # files, directories (the files directly inside) or globs
     output: Path
     workers: int = 0  # 0: all usable cores
     tokenizer: str = DEFAULT_TOKENIZER  # "qwen2.5" or a path to HF tokenizer files
@@ -48,9 +62,10 @@ class TokenizeOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES  # input bytes per shard (part of the output's identity)
     skip_bad_lines: bool = False
     overwrite: bool = False
-    num_tasks: int = 1  # split the inputs across machines (e.g. a Slurm array)
+    num_tasks: int = 1  # split the work across machines (e.g. a Slurm array): pile_prep/tasks.py
     task_index: int = 0
     progress: bool = True
+    recursive: bool = False  # directories: also the files in their subdirectories
 
 
 @dataclass
@@ -69,14 +84,58 @@ def usable_cores() -> int:
 
 
 # --- worker side -------------------------------------------------------------------------------
-# Each worker process loads the tokenizer once (pool initializer) and keeps it for its life.
+# Each worker process loads the tokenizer once (pool initializer) and keeps it for its life,
+# with the queue its progress goes to and the event that tells it to stop after a failure.
 _worker_tokenizer = None
+_worker_progress = None
+_worker_stop = None
 
 
-def _init_worker(spec: str, parent: int) -> None:
-    global _worker_tokenizer
+def _init_worker(spec: str, parent: int, progress, stop) -> None:
+    global _worker_tokenizer, _worker_progress, _worker_stop
     _die_with(parent)
     _worker_tokenizer = load_tokenizer(spec)
+    _worker_progress, _worker_stop = progress, stop
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One worker call: the chunks of one input in `share` (the worker reads the input itself)."""
+
+    input_index: int
+    path: Path
+    share: Share
+
+
+def _tokenize_share(work: _Work, output: Path, opts: TokenizeOptions) -> dict:
+    """Cut the input, and tokenize (or find done) each chunk of the share, in order.
+
+    The worker decompresses and cuts the input itself: no chunk passes through the main
+    process. Chunks of other shares are cut and dropped (decompression is ~60x faster than
+    tokenizing, so a file shared by k workers costs each ~k/60 extra).
+    """
+    records, resumed = [], 0
+    for chunk in input_chunks(work.input_index, work.path, opts.shard_bytes, opts.text_field):
+        if not work.share.takes(chunk.chunk_index):
+            continue
+        if _worker_stop.is_set():  # another worker failed: stop between shards
+            break
+        if chunk.error is not None and not opts.skip_bad_lines:
+            raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
+        name = shard_name(chunk.input_index, chunk.chunk_index)
+        done = shard_is_done(output, name)
+        if done is not None and _same_input(done, chunk):
+            record, tokens = done, 0
+            resumed += 1
+        else:
+            if done is not None:  # a record of other input bytes is stale: redo the shard
+                (output / f"{name}.json").unlink()
+            record = _tokenize_chunk(chunk, output, opts.text_field, opts.skip_bad_lines)
+            tokens = record["tokens"]
+        records.append(record)
+        text_bytes = len(chunk.lines) if chunk.rows is None and tokens else 0
+        _worker_progress.put((chunk.input_index, chunk.progress, tokens, text_bytes))
+    return {"records": records, "resumed": resumed, "rss_mb": _peak_rss_mb()}
 
 
 def _die_with(parent: int) -> None:
@@ -95,7 +154,7 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
     writer = ShardWriter(output, shard_name(chunk.input_index, chunk.chunk_index))
     skipped: list[list] = []
     bad: list[dict] = []
-    try:
+    try:  # any failure: abort, so that no temp file of this shard stays
         for rec in iter_records(chunk, text_field):
             if rec.blank:
                 skipped.append([rec.line, "blank"])
@@ -124,11 +183,12 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
             "chunk": chunk.chunk_index,
             "first_line": chunk.first_line,
             "last_line": chunk.last_line,
+            "input_checksum": chunk_checksum(chunk),
             "skipped_lines": skipped,
             "bad_lines": bad[:MAX_BAD_LINES_LISTED],
         }
     )
-    return {"record": record, "rss_mb": _peak_rss_mb()}
+    return record
 
 
 def _peak_rss_mb() -> float:
@@ -160,7 +220,7 @@ def _job(opts: TokenizeOptions, inputs: list[Path], tokenizer) -> dict[str, Any]
         "text_field": opts.text_field,
         "shard_bytes": opts.shard_bytes,
         "task": {"index": opts.task_index, "count": opts.num_tasks},
-        "inputs": [{"path": str(p), "size": p.stat().st_size} for p in inputs],
+        "inputs": [input_identity(p) for p in inputs],
     }
 
 
@@ -168,36 +228,83 @@ def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
     for key in new:
         if key == "inputs" and old.get(key) != new[key]:
-            old_in = {i["path"]: i["size"] for i in old.get("inputs", [])}
-            new_in = {i["path"]: i["size"] for i in new["inputs"]}
+            old_in = {i["path"]: i for i in old.get("inputs", [])}
+            new_in = {i["path"]: i for i in new["inputs"]}
             for p in new_in.keys() - old_in.keys():
                 diffs.append(f"new input {p}")
             for p in old_in.keys() - new_in.keys():
                 diffs.append(f"input {p} no longer given")
             for p in new_in.keys() & old_in.keys():
-                if new_in[p] != old_in[p]:
-                    diffs.append(f"input {p} changed size ({old_in[p]} -> {new_in[p]} bytes)")
+                was, now = old_in[p], new_in[p]
+                if was["size"] != now["size"]:
+                    diffs.append(f"input {p} changed size ({was['size']} -> {now['size']} bytes)")
+                elif "head_tail" not in was:
+                    diffs.append(f"input {p} recorded by an older pile-prep (no content hash)")
+                elif was["head_tail"] != now["head_tail"]:
+                    diffs.append(f"input {p} changed (its first or last MiB differ)")
             if not diffs:
                 diffs.append("inputs given in a different order")
         elif key == "tokenizer" and old.get(key, {}).get("fingerprint") != new[key]["fingerprint"]:
-            diffs.append(f"tokenizer {old.get(key, {}).get('name')} -> {new[key]['name']}")
+            was = old.get(key, {})
+            diffs.append(f"tokenizer {was.get('name')} ({was.get('fingerprint')}) -> "
+                         f"{new[key]['name']} ({new[key]['fingerprint']})")  # fmt: skip
         elif key not in ("inputs", "tokenizer") and old.get(key) != new[key]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
     return diffs
 
 
+def _same_input(record: dict, chunk: Chunk) -> bool:
+    """Whether a finished shard was made from exactly this chunk's lines and bytes."""
+    span = (chunk.first_line, chunk.last_line)
+    if (record["first_line"], record["last_line"]) != span:
+        return False
+    return record.get("input_checksum") == chunk_checksum(chunk)
+
+
+def _remove_stale_shards(output: Path, names: set[str]) -> None:
+    """Shard files of chunks that no longer exist (an input edited in place now cuts fewer)."""
+    for p in output.glob("shard-*"):
+        if ".tmp-" not in p.name and p.name.split(".")[0] not in names:
+            p.unlink()
+
+
 def _is_ours(path: Path) -> bool:
     n = path.name
-    return n in (MANIFEST, JOB) or n.startswith("shard-") or ".tmp-" in n
+    return n in (MANIFEST, JOB) or n.startswith("shard-") or is_temp(n)
+
+
+def _lock(output: Path) -> int:
+    """Lock `output` for this run (released when the fd closes, or the process dies).
+
+    With the lock held no other run writes here, so every temp file found is debris of a dead
+    run (a killed worker's half-written `.bin.tmp-PID`), safe to delete.
+    """
+    if output.exists() and not output.is_dir():
+        raise TokenizeError(f"--output {output} is a file, not a directory")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output, os.O_RDONLY)
+    except OSError as e:
+        raise TokenizeError(f"cannot use {output} as the output directory: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TokenizeError(f"{output}: another pile-prep tokenize is writing to it") from None
+    except OSError:
+        pass  # a file system without flock (some Lustre mounts): run one job per directory
+    return fd
 
 
 def _prepare_output(output: Path, job: dict, overwrite: bool) -> None:
     """Resume `output` if it holds this job, else start it (refusing others' work unless told)."""
-    output.mkdir(parents=True, exist_ok=True)
     job_path = output / JOB
     if job_path.exists() and not overwrite:
         diffs = _differences(read_json(job_path), job)
         if not diffs:
+            for p in output.iterdir():
+                if is_temp(p.name):
+                    p.unlink()
             return
         raise TokenizeError(
             f"{output} holds a tokenization of different inputs ({'; '.join(diffs)}). "
@@ -252,99 +359,116 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
         raise TokenizeError("shard size must be positive")
     start = time.perf_counter()
     try:
-        inputs = expand_inputs(opts.inputs)[opts.task_index :: opts.num_tasks]
+        inputs = expand_inputs(opts.inputs, opts.recursive)
     except InputError as e:
         raise TokenizeError(str(e)) from e
-    if not inputs:
-        raise TokenizeError(
-            f"task {opts.task_index} of {opts.num_tasks} has no inputs (fewer files than tasks)"
-        )
     tokenizer = load_tokenizer(opts.tokenizer)
     job = _job(opts, inputs, tokenizer)
     output = Path(opts.output)
-    _prepare_output(output, job, opts.overwrite)
-    if (output / MANIFEST).exists():  # same job, already complete
-        manifest = read_json(output / MANIFEST)
-        return TokenizeSummary(manifest, manifest["totals"]["shards"], time.perf_counter() - start, 0, 0)
-    workers = opts.workers or usable_cores()
+    lock = _lock(output)
+    try:
+        try:
+            _prepare_output(output, job, opts.overwrite)
+        except OSError as e:  # (an OutputError names the file it could not write)
+            raise TokenizeError(f"cannot use {output} as the output directory: {e.strerror}") from None
+        if (output / MANIFEST).exists():  # same job, already complete
+            manifest = read_json(output / MANIFEST)
+            return TokenizeSummary(manifest, manifest["totals"]["shards"],
+                                   time.perf_counter() - start, 0, 0)  # fmt: skip
+        return _run(opts, inputs, job, output, start)
+    except OutputError as e:
+        raise TokenizeError(f"{e}; {_kept(output)}") from None
+    finally:
+        os.close(lock)
 
+
+def _kept(output: Path) -> str:
+    done = sum(1 for p in output.glob("shard-*.json"))
+    return (f"{done} finished shards are kept in {output}: fix the cause (free space?) and rerun "
+            "the same command to resume")  # fmt: skip
+
+
+def _works(shares: dict[int, Share], inputs: list[Path], workers: int) -> list[_Work]:
+    """The task's inputs as worker calls: whole shares, or with fewer inputs than workers, each
+    share split k ways (k = ceil(workers / inputs)) so that every worker has one."""
+    k = -(-workers // len(shares)) if len(shares) < workers else 1
+    return [_Work(i, inputs[i], Share(s.stride * k, s.phase + s.stride * j))
+            for i, s in shares.items() for j in range(k)]  # fmt: skip
+
+
+def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, start: float):
+    workers = opts.workers or usable_cores()
     records: dict[str, dict] = {}
     resumed = tokens_run = bytes_run = 0
     rss = 0.0
-    total_bytes = sum(i["size"] for i in job["inputs"])
+    shares = task_shares(len(inputs), opts.num_tasks, opts.task_index)
+    total_bytes = sum(job["inputs"][i]["size"] for i in shares)
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
         disable=not opts.progress, desc="tokenize", file=sys.stderr,
     )  # fmt: skip
     last_progress: dict[int, int] = {}
 
-    def advance(chunk: Chunk) -> None:
-        # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
-        end = chunk.progress or 0
-        prev = last_progress.get(chunk.input_index, 0)
-        if end > prev:
-            bar.update(end - prev)
-            last_progress[chunk.input_index] = end
-
-    pending: dict[Future, Chunk] = {}
-    failure: BaseException | None = None
-
-    def collect(done: set[Future]) -> None:
-        nonlocal tokens_run, bytes_run, rss, failure
-        for fut in done:
-            chunk = pending.pop(fut)
+    def advance(progress_queue) -> None:
+        nonlocal tokens_run, bytes_run
+        while True:
             try:
-                result = fut.result()
-            except BaseException as e:  # keep draining: other shards in flight still finish
-                failure = failure or e
-                continue
-            record = result["record"]
-            records[record["name"]] = record
-            tokens_run += record["tokens"]
-            bytes_run += len(chunk.lines) if chunk.rows is None else 0
-            rss = max(rss, result["rss_mb"])
-            advance(chunk)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
+                input_index, end, tokens, text_bytes = progress_queue.get_nowait()
+            except queue.Empty:
+                break
+            # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
+            # (Sharers of one input report ends out of order: the bar takes the furthest.)
+            prev = last_progress.get(input_index, 0)
+            if end and end > prev:
+                bar.update(end - prev)
+                last_progress[input_index] = end
+            tokens_run += tokens
+            bytes_run += text_bytes
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
 
+    failure: BaseException | None = None
     ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
-    with ProcessPoolExecutor(workers, ctx, _init_worker, (opts.tokenizer, os.getpid())) as pool:
+    progress, stop = ctx.Queue(), ctx.Event()
+    init = (opts.tokenizer, os.getpid(), progress, stop)
+    with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
+        pending = {pool.submit(_tokenize_share, w, output, opts) for w in _works(shares, inputs, workers)}
         try:
-            for chunk in iter_chunks(inputs, opts.shard_bytes, opts.text_field):
-                if failure is not None:
-                    break
-                if chunk.error is not None and not opts.skip_bad_lines:
-                    raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
-                name = shard_name(chunk.input_index, chunk.chunk_index)
-                done = shard_is_done(output, name)
-                span = (chunk.first_line, chunk.last_line)
-                if done is not None and (done["first_line"], done["last_line"]) == span:
-                    records[name] = done  # (a record of another cut is stale: redo the shard)
-                    resumed += 1
-                    advance(chunk)
-                    continue
-                while len(pending) >= 2 * workers:  # bounded memory: at most 2 chunks per worker
-                    collect(wait(pending, return_when=FIRST_COMPLETED)[0])
-                pending[pool.submit(_tokenize_chunk, chunk, output, opts.text_field,
-                                    opts.skip_bad_lines)] = chunk  # fmt: skip
-        except InputError as e:
-            failure = failure or e
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                advance(progress)
+                for fut in done:
+                    try:
+                        result = fut.result()
+                    except BaseException as e:  # the others stop after their current shard
+                        failure = failure or e
+                        stop.set()
+                        continue
+                    records.update((r["name"], r) for r in result["records"])
+                    resumed += result["resumed"]
+                    rss = max(rss, result["rss_mb"])
         except BaseException:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
             raise
-        finally:
-            if pending:
-                collect(wait(pending)[0])
+    advance(progress)
     bar.close()
     if failure is not None:
         if isinstance(failure, InputError):
+            done = sum(1 for _ in output.glob("shard-*.json"))
             raise TokenizeError(
-                f"{failure}\n{len(records)} finished shards are kept in {output}: rerun the same "
+                f"{failure}\n{done} finished shards are kept in {output}: rerun the same "
                 "command to resume, with --skip-bad-lines to skip such lines"
             ) from failure
+        if isinstance(failure, OutputError):
+            raise TokenizeError(f"{failure}; {_kept(output)}") from None
+        if isinstance(failure, BrokenProcessPool):
+            raise TokenizeError(f"a worker process died (killed, or out of memory?); "
+                                f"{_kept(output)}") from None  # fmt: skip
         raise failure
 
+    _remove_stale_shards(output, set(records))
     manifest = _manifest(job, [records[k] for k in sorted(records)])
     write_json(output / MANIFEST, manifest)
     return TokenizeSummary(

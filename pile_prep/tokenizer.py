@@ -1,19 +1,21 @@
 """Qwen2.5 tokenizers: tiktoken over the bundled base vocabulary, or a user's Hugging Face files.
 
 Both backends encode the same way: NFC-normalise, split with Qwen's pre-tokenizer regex,
-byte-level BPE. Special-token strings inside a document (a literal "<|endoftext|>") are
-encoded as ordinary text; only the packer appends the real EOS id.
+byte-level BPE. The literal string of every added token inside a document (a "<|endoftext|>",
+and equally a "<tool_call>", which Qwen2.5's tokenizer.json marks as not special) is encoded
+as ordinary text; only the packer appends the real EOS id.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -49,11 +51,11 @@ class Tokenizer(Protocol):
     name: str
     eos_id: int
     vocab_size: int  # number of ids the tokenizer can emit or decode (base + special)
-    fingerprint: str  # hash of the id -> bytes table and the pre-tokenizer
+    fingerprint: str  # hash of the id -> bytes table, the pre-tokenizer and ADDED_TOKENS_AS
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_pieces(self, text: str) -> list[Sequence[int]]: ...
+    def encode_pieces(self, text: str) -> Iterator[Sequence[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -65,7 +67,7 @@ def nfc(text: str) -> str:
     return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
-def _safe_pieces(text: str) -> list[str]:
+def _safe_pieces(text: str) -> Iterator[str]:
     """Cut text every ~_PIECE_CHARS chars, after a newline that starts a non-blank line.
 
     A safe cut is after "\n" followed by spaces or tabs and then a non-space character. No
@@ -73,11 +75,13 @@ def _safe_pieces(text: str) -> list[str]:
     last newline of its run (and the next newline is on a later line), and the scan resumes
     after it exactly as it would at the start of a text. BPE never merges across pre-tokens,
     and NFC never composes across a newline, so encoding the pieces one by one gives exactly
-    the ids of the whole text, while holding only one piece's ids at a time.
+    the ids of the whole text, while holding only one piece's ids at a time (a generator: each
+    piece is cut when the caller asks for it).
     """
     if len(text) <= _PIECE_CHARS:
-        return [text]
-    pieces, start, n = [], 0, len(text)
+        yield text
+        return
+    start, n = 0, len(text)
     while n - start > _PIECE_CHARS:
         cut = text.find("\n", start + _PIECE_CHARS)
         while cut >= 0:
@@ -89,14 +93,20 @@ def _safe_pieces(text: str) -> list[str]:
             cut = text.find("\n", j)
         if cut < 0:
             break
-        pieces.append(text[start : cut + 1])
+        yield text[start : cut + 1]
         start = cut + 1
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
+
+
+# How a document's added-token strings are encoded. Part of the fingerprint: outputs of
+# pile-prep <= 0.1's HF backend, which turned Qwen2.5's 8 non-special added tokens into ids
+# 151657-151664, carry a fingerprint without it and never mix with these.
+ADDED_TOKENS_AS = "added tokens: text"
 
 
 def _fingerprint(id_to_bytes: Sequence[bytes], pattern: str) -> str:
     h = hashlib.sha256()
+    h.update(ADDED_TOKENS_AS.encode() + b"\0")
     h.update(pattern.encode())
     for token in id_to_bytes:
         h.update(len(token).to_bytes(4, "little"))
@@ -145,16 +155,18 @@ class TiktokenTokenizer:
         self.fingerprint = _fingerprint(self._id_to_bytes, QWEN_PATTERN)
 
     def encode(self, text: str) -> list[int]:
-        return np.concatenate(self.encode_pieces(text)).tolist()
+        return np.concatenate(list(self.encode_pieces(text))).tolist()
 
-    def encode_pieces(self, text: str) -> list[np.ndarray]:
-        """uint32 ids of `text` in bounded pieces (the writer writes each piece as it comes).
+    def encode_pieces(self, text: str) -> Iterator[np.ndarray]:
+        """uint32 ids of `text` in bounded pieces, each encoded when the caller (the shard
+        writer) asks for it, so a long document's ids are never all in memory at once.
 
         `encode_to_numpy` with no special token allowed or disallowed encodes exactly as
         `encode_ordinary`, but hands back one uint32 buffer instead of a list of Python ints:
         ~8% faster, and nothing per token to convert or free.
         """
-        return [self._enc.encode_to_numpy(p, disallowed_special=()) for p in _safe_pieces(nfc(text))]
+        for piece in _safe_pieces(nfc(text)):
+            yield self._enc.encode_to_numpy(piece, disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")
@@ -193,9 +205,9 @@ class HFTokenizer:
         path = Path(path)
         directory = path if path.is_dir() else path.parent
         if path.is_file() and path.name.endswith(".json") and path.name != "vocab.json":
-            tok = RawTokenizer.from_file(str(path))
+            tok, added = _without_added_tokens(path)
         elif (directory / "tokenizer.json").is_file():
-            tok = RawTokenizer.from_file(str(directory / "tokenizer.json"))
+            tok, added = _without_added_tokens(directory / "tokenizer.json")
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             bpe = models.BPE.from_file(
                 str(directory / "vocab.json"), str(directory / "merges.txt"), unk_token=None
@@ -209,26 +221,24 @@ class HFTokenizer:
                 ]
             )
             tok.decoder = decoders.ByteLevel()
-            tok.add_special_tokens(list(QWEN2_5_SPECIAL_TOKENS))
+            added = {t: NUM_BASE_TOKENS + i for i, t in enumerate(QWEN2_5_SPECIAL_TOKENS)}
         else:
             raise TokenizerError(
                 f"{path}: expected tokenizer.json, or vocab.json and merges.txt "
                 "(as `tune download Qwen/Qwen2.5-0.5B-Instruct` saves them)"
             )
-        # A literal "<|endoftext|>" inside a document is text, not the EOS id.
-        tok.encode_special_tokens = True
         self._tok = tok
-        eos = tok.token_to_id(EOS_TOKEN)
+        eos = added.get(EOS_TOKEN, tok.token_to_id(EOS_TOKEN))
         if eos is None:
             raise TokenizerError(f"{path}: vocabulary has no {EOS_TOKEN} token")
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        vocab = tok.get_vocab(with_added_tokens=True)
-        added = {t.content for t in tok.get_added_tokens_decoder().values()}
-        self._id_to_bytes = [b""] * (max(vocab.values()) + 1)
+        vocab = tok.get_vocab(with_added_tokens=False)
+        self._id_to_bytes = [b""] * (max([*vocab.values(), *added.values()]) + 1)
         for token, i in vocab.items():
-            self._id_to_bytes[i] = (
-                token.encode() if token in added else bytes(byte_of[c] for c in token)
-            )
+            if token not in added:
+                self._id_to_bytes[i] = bytes(byte_of[c] for c in token)
+        for token, i in added.items():
+            self._id_to_bytes[i] = token.encode()
         self.name = f"hf:{path}"
         self.eos_id = eos
         self.vocab_size = len(self._id_to_bytes)
@@ -237,16 +247,30 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return [i for piece in self.encode_pieces(text) for i in piece]
 
-    def encode_pieces(self, text: str) -> list[Sequence[int]]:
-        return [
-            self._tok.encode(p, add_special_tokens=False).ids for p in _safe_pieces(nfc(text))
-        ]
+    def encode_pieces(self, text: str) -> Iterator[Sequence[int]]:
+        for piece in _safe_pieces(nfc(text)):
+            yield self._tok.encode(piece, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._id_to_bytes[token_id]
+
+
+def _without_added_tokens(path: Path):
+    """The tokenizer of `path` with no added tokens, and its added tokens {content: id}.
+
+    Added tokens are matched before BPE, special or not; `encode_special_tokens` only turns
+    off the special ones, so Qwen2.5's `<tool_call>` would still become id 151657. Without
+    them every added token's literal string is text, as in the tiktoken backend.
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    spec["added_tokens"] = []
+    return RawTokenizer.from_str(json.dumps(spec)), added
 
 
 def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> TiktokenTokenizer | HFTokenizer:
@@ -263,5 +287,5 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> TiktokenTokenizer | HFToken
         return HFTokenizer(path)
     except TokenizerError:
         raise
-    except Exception as e:  # tokenizers raises plain Exception on a malformed file
+    except Exception as e:  # tokenizers raises plain Exception on a malformed file (json: ValueError)
         raise TokenizerError(f"{path}: cannot load tokenizer: {e}") from e

@@ -2,10 +2,10 @@
 
 Each shard is checked by one worker process that reads its `.idx` and then its `.bin` once, in
 large blocks: the XXH3-128 checksum and the numpy checks (ids below the vocab size, exactly one
-EOS at the end of each document) run on the same block. The manifest's own arithmetic (totals,
-per-source sums, names, stray files) is checked in the main process. `sample > 0` also
-re-tokenizes documents from the original inputs and compares them with the shards.
-"""
+EOS at the end of each document, no id above the EOS id inside one) run on the same block. The
+manifest's own arithmetic (totals, per-source sums, names, stray and temp files, gaps between
+chunks) is checked in the main process. `sample > 0` also re-tokenizes documents from the
+original inputs and compares them with the shards."""
 
 from __future__ import annotations
 
@@ -24,7 +24,16 @@ import xxhash
 
 from pile_prep.inputs import InputError, expand_inputs, iter_chunks, iter_records
 from pile_prep.reader import ShardDataset, ShardError, _as_dirs, load_manifest
-from pile_prep.shards import INDEX_HEADER, INDEX_MAGIC, MANIFEST, index_size, read_json, shard_name
+from pile_prep.shards import (
+    INDEX_HEADER,
+    INDEX_MAGIC,
+    MANIFEST,
+    index_size,
+    is_temp,
+    read_json,
+    shard_name,
+)
+from pile_prep.tasks import Share, task_shares
 from pile_prep.tokenize import usable_cores
 
 # Per read. Small enough that the block and numpy's temporaries stay in cache and are reused
@@ -220,6 +229,15 @@ def check_shard(c: ShardCheck) -> tuple[list[Problem], int]:
                 out.add("id >= vocab size", f"token {pos + k}{_doc_of(offsets, pos + k)}: id "
                         f"{block[k]} >= vocab size {c.vocab_size}", 4 * (pos + int(k)))  # fmt: skip
             out.more("id >= vocab size", max(0, len(bad) - MAX_PER_KIND))
+            # pile-prep encodes every added token's string as text: an id above the EOS id
+            # (Qwen's other 21 added tokens) inside a document means another encoder made it.
+            added = rare[(values > c.eos_id) & (values < c.vocab_size)]
+            for k in added[:MAX_PER_KIND]:
+                out.add("added-token id inside a document", f"token {pos + k}"
+                        f"{_doc_of(offsets, pos + k)}: id {block[k]} >= EOS id {c.eos_id} inside "
+                        "a document (an added token's string must be encoded as text)",
+                        4 * (pos + int(k)))  # fmt: skip
+            out.more("added-token id inside a document", max(0, len(added) - MAX_PER_KIND))
             found = rare[values == c.eos_id] + pos  # [E] EOS positions
             eos_count += len(found)
             if ends is not None:
@@ -305,9 +323,36 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
     if not 0 <= tok["eos_id"] < tok["vocab_size"]:
         out.add("tokenizer", f"tokenizer eos_id {tok['eos_id']} >= vocab_size {tok['vocab_size']}")
     for file in sorted(os.listdir(directory)):
-        if file.startswith("shard-") and ".tmp-" not in file and file.split(".")[0] not in names:
+        if is_temp(file):
+            out.add("temp", f"{file}: temp file of a killed or failed run (rerunning the same "
+                    "tokenize command removes it)")  # fmt: skip
+        elif file.startswith("shard-") and file.split(".")[0] not in names:
             out.add("stray", f"{file} is not listed in the manifest")
+    task = manifest.get("task", {"index": 0, "count": 1})
+    _check_coverage(records, task_shares(len(manifest["inputs"]), task["count"], task["index"]), out)
     return out.finish()
+
+
+def _check_coverage(records: list[dict[str, Any]], shares: dict[int, Share], out: _Collector) -> None:
+    """Each input's shards are this task's chunks (0, 1, 2, ... for a whole input) with no
+    chunk missing, and, where no other task holds chunks in between, line ranges that follow
+    one another."""
+    last: dict[int, dict[str, Any]] = {}
+    for r in records:  # (in name order: by input, then chunk)
+        share = shares.get(r["input"])
+        if share is None:
+            out.add("gap", f"{r['name']}: input {r['input']} is not this task's")
+            continue
+        prev = last.get(r["input"])
+        want_chunk = share.phase if prev is None else prev["chunk"] + share.stride
+        want_line = 1 if prev is None else prev["last_line"] + 1
+        if r["chunk"] != want_chunk:
+            out.add("gap", f"input {r['input']}: chunk {want_chunk} is missing (next shard is "
+                    f"{r['name']})")  # fmt: skip
+        elif share.stride == 1 and r["first_line"] != want_line:
+            out.add("gap", f"input {r['input']}: {r['name']} starts at line {r['first_line']}, "
+                    f"expected {want_line} (lines in no shard, or in two)")  # fmt: skip
+        last[r["input"]] = r
 
 
 def _check_record_file(directory: Path, record: dict[str, Any], out: _Collector) -> None:
@@ -425,7 +470,9 @@ def sample_check(
     if not sources:
         return [Problem("--source", "re-tokenizing a sample needs the original inputs")], 0
     try:
-        given = expand_inputs(list(sources))
+        # Recursive: inputs are matched by path (or name and size), so extra files are harmless
+        # and a tokenize run with --recursive is found again.
+        given = expand_inputs(list(sources), recursive=True)
     except InputError as e:
         return [Problem(e.path, e.reason)], 0
     datasets = []

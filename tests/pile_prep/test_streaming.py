@@ -22,7 +22,10 @@ from pile_prep.streaming import (
     StreamingConfig,
     StreamingError,
     StreamingTokenDataset,
+    StreamingWarning,
+    amplification_warning,
     make_streaming_loader,
+    read_amplification,
     reader_files,
 )
 from pile_prep.tokenize import TokenizeOptions, tokenize
@@ -328,7 +331,7 @@ def test_state_from_another_setup_is_refused(corpus, tok):
 def test_bad_record_and_bad_arguments_are_named(tmp_path, corpus, tok):
     bad = write_jsonl_zst(tmp_path / "bad.jsonl.zst",
                           [pile_record("fine", "x"), {"text": None, "meta": {}}])  # fmt: skip
-    with pytest.raises(StreamingError, match=r"bad\.jsonl\.zst, record 2: 'text' is NoneType"):
+    with pytest.raises(StreamingError, match=r"bad\.jsonl\.zst, record 2: 'text' is null"):
         list(StreamingTokenDataset(cfg_of([bad]), S, 0, 1, tok))
     broken = write_jsonl_zst(
         tmp_path / "broken.jsonl.zst", [pile_record("fine", "x"), b"{not json"]
@@ -343,6 +346,37 @@ def test_bad_record_and_bad_arguments_are_named(tmp_path, corpus, tok):
         StreamingTokenDataset(cfg_of(corpus[:1]), S, 2, 2)
     with pytest.raises(StreamingError, match="data_files"):
         StreamingTokenDataset(StreamingConfig(data_files=[]), S, 0, 1)
+
+
+EDGE_LINES = {  # line -> pile-prep tokenize's reason; the streaming reader must refuse it too
+    b'\xef\xbb\xbf{"text": "after a BOM"}': "not JSON: Unexpected UTF-8 BOM",
+    b"\x0c": "not JSON: Expecting value",
+    b'{"text": "first", "text": "second"}': "duplicated 'text' key",
+    b'{"text": null}': "null 'text' field",
+}
+
+
+@pytest.mark.parametrize("line", EDGE_LINES, ids=["bom", "form-feed", "duplicated-key", "null"])
+def test_edge_lines_are_decided_as_offline(tmp_path, tok, line):
+    from pile_prep.inputs import parse_line
+
+    path = write_jsonl_zst(tmp_path / "edge.jsonl.zst", [pile_record("fine", "x"), line, pile_record("b", "y")])
+    assert parse_line(line, 2, "text").error.startswith(EDGE_LINES[line])  # offline: a bad line
+    with pytest.raises(StreamingError, match=r"edge\.jsonl\.zst(: cannot read record 1|, record 2)"):
+        list(StreamingTokenDataset(cfg_of([path]), S, 0, 1, tok))
+
+
+def test_more_readers_than_files_warns_with_the_amplification(corpus, tok):
+    assert read_amplification(30, 64) == 64 and read_amplification(64, 16) == 1
+    assert read_amplification(30, 16) == (16 + 16 * 14) / 30
+    message = amplification_warning(30, 16, 4)
+    assert message.startswith("streaming: 30 input files for 64 readers (16 ranks x 4 DataLoader "
+                              "workers): 30 files are decompressed and parsed by every reader, "
+                              "64.0x the reading of the inputs; with a multiple of 64 files (e.g. "
+                              "64) each is read once")  # fmt: skip
+    assert amplification_warning(32, 16, 2) is None
+    with pytest.warns(StreamingWarning, match=r"2 input files for 3 readers .* 3\.0x"):
+        make_streaming_loader(cfg_of(corpus[:2]), S, 2, 0, 3, tokenizer=tok)
 
 
 def test_datasets_is_imported_only_when_streaming_runs():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,10 @@ import zstandard
 from click.testing import CliRunner
 
 from pile_prep.cli import main as cli
+from pile_prep.inputs import expand_inputs
+from pile_prep.shards import read_json
+from pile_prep.tasks import Share, task_shares
+from pile_prep.verify import verify
 from pile_prep.reader import ShardDataset
 from pile_prep.sample import write_sample_corpus
 from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
@@ -95,8 +100,8 @@ def test_round_trip_and_counts(tok, sample_corpus, special_input, tmp_path):
 
 def test_bytes_identical_across_worker_counts(sample_corpus, tmp_path):
     run(sample_corpus, tmp_path / "w1", shard_bytes=30_000, workers=1)
-    run(sample_corpus, tmp_path / "w2", shard_bytes=30_000, workers=2)
-    assert_same_dirs(tmp_path / "w1", tmp_path / "w2")
+    run(sample_corpus, tmp_path / "w3", shard_bytes=30_000, workers=3)  # each file shared 2 ways
+    assert_same_dirs(tmp_path / "w1", tmp_path / "w3")
 
 
 def test_other_input_formats_give_same_tokens(sample_corpus, tmp_path):
@@ -135,14 +140,52 @@ def test_inputs_from_dirs_and_globs_in_order(sample_corpus, tmp_path):
         run([str(tmp_path / "nothing-*.jsonl.zst")], tmp_path / "c")
 
 
-def test_task_split_covers_inputs_once(sample_corpus, tmp_path):
-    corpus_dir = sample_corpus[0].parent
-    m0 = run([corpus_dir], tmp_path / "t0", num_tasks=2, task_index=0).manifest
-    m1 = run([corpus_dir], tmp_path / "t1", num_tasks=2, task_index=1).manifest
-    n0 = [Path(i["path"]).name for i in m0["inputs"]]
-    n1 = [Path(i["path"]).name for i in m1["inputs"]]
-    assert (n0, n1) == (["00.jsonl.zst", "val.jsonl.zst"], ["01.jsonl.zst"])
-    assert m0["task"] == {"index": 0, "count": 2}
+def test_directory_inputs_are_not_recursive_unless_asked(tmp_path):
+    root = tmp_path / "pile"
+    (root / "val").mkdir(parents=True)
+    write_jsonl_zst(root / "00.jsonl.zst", [pile_record("train text", "Pile-CC")])
+    write_jsonl_zst(root / "val" / "val.jsonl.zst", [pile_record("held out", "Pile-CC")])
+    deep = [root.resolve() / "00.jsonl.zst", root.resolve() / "val" / "val.jsonl.zst"]
+    assert expand_inputs([str(root)]) == deep[:1]
+    assert expand_inputs([str(root)], recursive=True) == deep
+    result = CliRunner().invoke(cli, ["tokenize", str(root), "-o", str(tmp_path / "o"), "-q", "-j",
+                                      "1", "--recursive"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [i["path"] for i in m["inputs"]] == list(map(str, deep))
+    (root / "00.jsonl.zst").unlink()
+    with pytest.raises(TokenizeError, match=r"no Pile input files directly inside \(1 in "
+                       r"subdirectories: name them, or pass --recursive\)"):  # fmt: skip
+        run([root], tmp_path / "none")
+
+
+def test_task_shares_deal_whole_files_then_chunks():
+    assert task_shares(4, 2, 1) == {1: Share(1, 0), 3: Share(1, 0)}
+    assert task_shares(3, 2, 0) == {0: Share(1, 0), 2: Share(2, 0)}  # file 2 shared by chunk
+    assert task_shares(30, 64, 33) == {3: Share(3, 1)}  # tasks 3, 33, 63 share file 3
+    for files, tasks in ((3, 2), (2, 5), (30, 64), (30, 16)):
+        owners = Counter((f, c) for t in range(tasks) for f, share in task_shares(files, tasks, t).items()
+                         for c in range(64) if share.takes(c))  # fmt: skip
+        assert owners == Counter((f, c) for f in range(files) for c in range(64))
+
+
+def test_tasks_union_is_byte_identical_to_one_task(sample_corpus, tmp_path):
+    inputs = [sample_corpus[0], sample_corpus[0].parent / "val.jsonl.zst", sample_corpus[1]]
+    run(inputs, tmp_path / "one", shard_bytes=20_000)  # 3 files for 2 tasks:
+    m0 = run(inputs, tmp_path / "t0", shard_bytes=20_000, num_tasks=2, task_index=0).manifest
+    m1 = run(inputs, tmp_path / "t1", shard_bytes=20_000, num_tasks=2, task_index=1).manifest
+    assert m0["task"] == {"index": 0, "count": 2} and m0["inputs"] == m1["inputs"]
+    n0, n1 = ({r["name"] for r in m["shards"]} for m in (m0, m1))
+    assert {n[:11] for n in n0} == {"shard-00000", "shard-00002"}  # file 0 whole, file 2 shared
+    assert {n[:11] for n in n1} == {"shard-00001", "shard-00002"}
+    assert not n0 & n1
+    union = sorted(n0 | n1)
+    assert union == [r["name"] for r in read_json(tmp_path / "one" / "manifest.json")["shards"]]
+    for name in union:
+        task = tmp_path / ("t0" if name in n0 else "t1")
+        for ext in ("bin", "idx", "json"):
+            assert (task / f"{name}.{ext}").read_bytes() == (tmp_path / "one" / f"{name}.{ext}").read_bytes()
+    assert verify(tmp_path / "t0", workers=1).ok and verify(tmp_path / "t1", workers=1).ok
 
 
 def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
@@ -159,6 +202,27 @@ def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
     (tmp_path / "foreign" / "thesis.tex").write_text("x")
     with pytest.raises(TokenizeError, match="not a pile-prep output"):
         run(sample_corpus, tmp_path / "foreign")
+
+
+def test_input_edited_in_place_is_refused_or_its_shards_redone(sample_corpus, tmp_path, monkeypatch):
+    import pile_prep.inputs as inputs_mod
+
+    monkeypatch.setattr(inputs_mod, "_IDENTITY_BYTES", 64)  # job.json hashes the first/last 64 B
+    raw = zstandard.ZstdDecompressor().decompress(sample_corpus[0].read_bytes(), max_output_size=1 << 30)
+    path, out = tmp_path / "in.jsonl", tmp_path / "out"
+    path.write_bytes(raw)
+    run([path], out, shard_bytes=20_000)
+    (out / "manifest.json").unlink()  # as if the run had stopped before its end
+    # Same size, same first and last 64 bytes: only the shards' input checksums can tell.
+    at = raw.index(b" ka ", len(raw) // 2)
+    edited = raw[:at] + b" KA " + raw[at + 4 :]
+    path.write_bytes(edited)
+    assert run([path], out, shard_bytes=20_000).shards_resumed > 0
+    run([path], tmp_path / "fresh", shard_bytes=20_000)
+    assert_same_dirs(tmp_path / "fresh", out)
+    path.write_bytes(b"{" + edited[1:].replace(b'"text"', b'"TEXT"', 1))
+    with pytest.raises(TokenizeError, match=rf"input {path.resolve()} changed \(its first or last"):
+        run([path], out, shard_bytes=20_000)
 
 
 def test_rerun_of_finished_output_is_a_no_op(sample_corpus, tmp_path):
@@ -236,14 +300,60 @@ def test_kill_9_and_resume_gives_identical_bytes(sample_corpus, tmp_path):
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.json")}
     assert done_before and not (out / "manifest.json").exists()
 
+    (out / "shard-00000-000999.bin.tmp-999999").write_bytes(b"half")  # a dead worker's debris
     result = subprocess.run([sys.executable, "-m", "pile_prep.cli", "tokenize", *args, "-o", str(out)],
                             check=True, capture_output=True, text=True)  # fmt: skip
     assert f"({len(done_before)} already done)" in result.stdout
-    for p in list(out.glob("*.tmp-*")):
-        p.unlink()  # left by the killed run; never mistaken for a finished file
-    assert_same_dirs(tmp_path / "ref", out)
+    assert_same_dirs(tmp_path / "ref", out)  # temp files of the killed run removed too
     # Finished shards were not redone.
     assert all((out / n).stat().st_mtime_ns == t for n, t in done_before.items())
+
+
+def _limit_file_size(limit: int):
+    def preexec():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # EFBIG past it, like ENOSPC
+
+    return preexec
+
+
+def test_failed_write_exits_1_in_one_line_and_rerun_completes(tmp_path):
+    docs = [pile_record(f"short document {i}", "Pile-CC") for i in range(300)]
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", docs + [pile_record("long " * 40_000, "ArXiv")])
+    last = run([path], tmp_path / "ref", shard_bytes=2000).manifest["shards"][-1]["name"]
+    n = int(last[-6:])
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pile_prep.cli", "tokenize", str(path), "-o", str(out), "-q", "-j", "1",
+            "--shard-mb", str(2000 / 2**20)]  # fmt: skip
+    # Every shard fits in 64 kB but the long document's (160 kB of ids).
+    failed = subprocess.run(args, capture_output=True, text=True, preexec_fn=_limit_file_size(64_000))
+    assert failed.returncode == 1
+    assert failed.stdout == "" and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith(f"Error: cannot write {out / last}.bin: File too large; "
+                                    f"{n} finished shards are kept in {out}")  # fmt: skip
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert len(list(out.glob("shard-*.json"))) == n and not (out / f"{last}.bin").exists()
+    subprocess.run(args, check=True, capture_output=True)
+    assert_same_dirs(tmp_path / "ref", out)
+
+
+def test_unusable_or_busy_output_is_one_line(sample_corpus, tmp_path):
+    import fcntl
+
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["tokenize", str(sample_corpus[0]), "-o", str(tmp_path / "file"), "-q"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: --output {tmp_path / 'file'} is a file, not a directory\n"
+    (tmp_path / "busy").mkdir()
+    fd = os.open(tmp_path / "busy", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running tokenize holds it
+    try:
+        result = CliRunner().invoke(cli, ["tokenize", str(sample_corpus[0]), "-o", str(tmp_path / "busy")])
+    finally:
+        os.close(fd)
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path / 'busy'}: another pile-prep tokenize is writing to it\n"
 
 
 def test_overwrite_starts_again(sample_corpus, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import tiktoken
 
 from pile_prep.tokenizer import (
+    QWEN2_5_SPECIAL_TOKENS,
     QWEN_PATTERN,
     TokenizerError,
     _bytes_to_unicode,
@@ -89,15 +90,62 @@ def test_hf_vocab_merges_equal_tiktoken(tiktoken_tok, hf_dir):
         assert hf.decode(hf.encode(text)) == nfc(text)
 
 
-def test_hf_tokenizer_json_equal_tiktoken(tiktoken_tok, hf_dir, tmp_path):
-    # tokenizer.json carries its own normalizer/pre-tokenizer: save the one built from the
-    # vocab files, and load it back through the tokenizer.json path.
-    hf = load_tokenizer(str(hf_dir))
-    hf._tok.save(str(tmp_path / "tokenizer.json"))
-    from_json = load_tokenizer(str(tmp_path / "tokenizer.json"))
+# Qwen2.5's tokenizer.json marks these 8 of its 22 added tokens "special": false.
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}  # fmt: skip
+ADDED_TOKEN_TEXTS = [
+    "a <tool_call>{\"name\": 1}</tool_call> call",
+    "<|fim_prefix|>def f(<|fim_suffix|>)<|fim_middle|>x<|fim_pad|>",
+    "<|repo_name|>r<|file_sep|>a.py <|endoftext|><|im_start|>user<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer_json(hf_dir, tmp_path_factory):
+    """A tokenizer.json laid out as Qwen2.5's: BPE + 22 added tokens with the real flags."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    for t in QWEN2_5_SPECIAL_TOKENS:  # one at a time: ids 151643.. in this order
+        special = t not in NOT_SPECIAL
+        added = AddedToken(t, special=special, normalized=False)
+        tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+    path = tmp_path_factory.mktemp("qwen_json") / "tokenizer.json"
+    tok.save(str(path))
+    flags = {t["content"]: (t["id"], t["special"]) for t in json.loads(path.read_text())["added_tokens"]}
+    assert flags["<tool_call>"] == (151657, False) and flags["<|im_start|>"] == (151644, True)
+    assert sum(not special for _, special in flags.values()) == 8 and len(flags) == 22
+    return path
+
+
+def test_hf_tokenizer_json_with_real_flags_equals_tiktoken(tiktoken_tok, real_tokenizer_json):
+    from_json = load_tokenizer(str(real_tokenizer_json))
     assert from_json.fingerprint == tiktoken_tok.fingerprint
-    for text in TEXTS:
-        assert from_json.encode(text) == tiktoken_tok.encode(text), text
+    assert (from_json.eos_id, from_json.vocab_size) == (151643, 151665)
+    assert from_json.token_bytes(151657) == b"<tool_call>"
+    for text in TEXTS + ADDED_TOKEN_TEXTS:
+        ids = from_json.encode(text)
+        assert ids == tiktoken_tok.encode(text), text
+        assert max(ids, default=0) < 151643
+        assert from_json.decode(ids) == nfc(text)
+
+
+def test_fingerprint_covers_added_token_treatment(tiktoken_tok):
+    import hashlib
+
+    # The same table and pattern hashed without the treatment (as pile-prep <= 0.1 did, whose
+    # HF backend encoded <tool_call> as 151657) is another fingerprint.
+    h = hashlib.sha256(QWEN_PATTERN.encode())
+    for i in range(tiktoken_tok.vocab_size):
+        token = tiktoken_tok.token_bytes(i)
+        h.update(len(token).to_bytes(4, "little") + token)
+    assert tiktoken_tok.fingerprint != "sha256:" + h.hexdigest()
 
 
 def test_long_document_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
@@ -111,9 +159,15 @@ def test_long_document_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
     )  # fmt: skip
     whole = tiktoken_tok.encode(text)
     monkeypatch.setattr(tokmod, "_PIECE_CHARS", 1000)
-    pieces = tiktoken_tok.encode_pieces(text)
+    pieces = list(tiktoken_tok.encode_pieces(text))
     assert len(pieces) > 50
     assert [i for p in pieces for i in p] == whole
+    # Lazily: the writer has the first piece's ids before the next piece is even encoded.
+    calls = []
+    encode = tiktoken_tok._enc.encode_to_numpy
+    monkeypatch.setattr(tiktoken_tok._enc, "encode_to_numpy", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    first = next(iter(tiktoken_tok.encode_pieces(text)))
+    assert len(calls) == 1 and first.tolist() == pieces[0].tolist()
 
 
 def test_bad_tokenizer_spec_is_clear(tmp_path):
@@ -137,5 +191,5 @@ def test_random_texts_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
     texts = ["".join(rng.choices(fragments, k=600)) for _ in range(300)]
     whole = [tiktoken_tok.encode(t) for t in texts]
     monkeypatch.setattr(tokmod, "_PIECE_CHARS", 40)
-    assert sum(len(tiktoken_tok.encode_pieces(t)) for t in texts) > 3000
+    assert sum(len(list(tiktoken_tok.encode_pieces(t))) for t in texts) > 3000
     assert [tiktoken_tok.encode(t) for t in texts] == whole

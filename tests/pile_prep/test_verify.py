@@ -140,6 +140,23 @@ def test_stray_shard(shards):
     ]
 
 
+def test_temp_files_and_gaps(shards):
+    (shards / "shard-00000-000001.bin.tmp-4242").write_bytes(b"half")
+    m = _manifest(shards)
+    dropped = m["shards"].pop(1)  # input 0's chunk 1: a gap between chunks 0 and 2
+    m["shards"][3]["first_line"] += 1  # lines in no shard
+    _write_manifest(shards, m)
+    lines = _lines(verify(shards, workers=1))
+    manifest = shards / "manifest.json"
+    assert (f"{manifest}: shard-00000-000001.bin.tmp-4242: temp file of a killed or failed run "
+            "(rerunning the same tokenize command removes it)") in lines  # fmt: skip
+    assert f"{manifest}: input 0: chunk 1 is missing (next shard is shard-00000-000002)" in lines
+    r = m["shards"][3]
+    assert (f"{manifest}: input {r['input']}: {r['name']} starts at line {r['first_line']}, "
+            f"expected {r['first_line'] - 1} (lines in no shard, or in two)") in lines  # fmt: skip
+    assert f"{manifest}: {dropped['name']}.bin is not listed in the manifest" in lines
+
+
 def test_edited_manifest(shards):
     m = _manifest(shards)
     m["totals"]["tokens"] += 1
@@ -194,6 +211,17 @@ def test_eos_inside_a_document(shards):
     _forge(shards, name, tokens)
     assert _lines(verify(shards, workers=1)) == [
         f"{shards / name}.bin: offset {4 * pos}: token {pos} (document 7): EOS inside a document"
+    ]
+
+
+def test_added_token_ids_inside_a_document(shards):
+    name, tokens, offsets = _shard(shards, 1)
+    pos = offsets[3] + 1  # inside document 3
+    tokens[pos] = 151657  # <tool_call>, which Qwen2.5's tokenizer.json marks not special
+    _forge(shards, name, tokens)
+    assert _lines(verify(shards, workers=1)) == [
+        f"{shards / name}.bin: offset {4 * pos}: token {pos} (document 3): id 151657 >= EOS id "
+        f"{EOS} inside a document (an added token's string must be encoded as text)"
     ]
 
 
