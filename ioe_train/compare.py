@@ -54,6 +54,8 @@ def router_label(cfg: TrainConfig) -> str:
     moe = cfg.model.moe
     if moe.router.startswith("topk"):
         return f"{moe.router} ({moe.top_k} of {moe.num_experts})"
+    if moe.router == "ioe":
+        return f"ioe ({moe.num_experts}, L {moe.ioe_segment_len}{', doc reset' if moe.ioe_document_reset else ''})"
     return f"{moe.router} ({moe.num_experts})"
 
 

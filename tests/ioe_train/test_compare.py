@@ -97,7 +97,7 @@ def test_runs_on_other_data_are_refused_unless_allowed(two_runs, tmp_path, domai
     with pytest.raises(RunError, match=r"proxy_ioe: its val data differs from .*proxy_dense's"):
         compare_runs([dense, other])
     equal, runs = compare_runs([dense, moe, other], allow_mismatch=True)
-    assert equal == 1024 and runs[2].router == "ioe (16)"
+    assert equal == 1024 and runs[2].router == "ioe (16, L 16)"
     result = CliRunner().invoke(ioe_train, ["compare", str(dense), str(other)])
     assert result.exit_code == 1 and "Error: " in result.output and "--allow-mismatch" in result.output
 
