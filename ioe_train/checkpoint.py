@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ from ioe_train.config import ConfigError
 from pile_prep.shards import fsync_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints in `directory`, oldest first (`step_*.tmp` are not)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)))
 
 
 def rng_state() -> dict[str, Any]:
@@ -148,8 +156,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
-        found = [int(m.group(1)) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return sorted(found)
+        return checkpoint_steps(self.directory)
 
     def path(self, step: int) -> Path:
         return self.directory / f"step_{step:06d}"
@@ -225,18 +232,43 @@ class Checkpointer:
         train_state = _load_plain(path / "train_state.pt")
         same_world = train_state["world_size"] == self.world_size
         mine = _load_plain(path / f"rank_{self.rank if same_world else 0:05d}.pt")
-        try:
-            _read_metadata(path)  # here, where a refusal is not wrapped into DCP's per-rank report
-        except pickle.UnpicklingError as e:
-            raise _refused(path / ".metadata", e) from None
-        planner = _SafePlanner()
-        dcp.load(state, storage_reader=_SafeReader(path), planner=planner)
-        if planner.refused is not None:
-            raise _refused(path, planner.refused)
+        _safe_dcp_load(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if same_world:
             set_rng_state(mine["rng"])
         return train_state, mine["data"]
+
+
+def _safe_dcp_load(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """`dcp.load` of `state` from checkpoint `path`, refusing (ConfigError) what could run code."""
+    try:
+        _read_metadata(path)  # here, where a refusal is not wrapped into DCP's per-rank report
+    except pickle.UnpicklingError as e:
+        raise _refused(path / ".metadata", e) from None
+    planner = _SafePlanner()
+    dcp.load(state, storage_reader=_SafeReader(path), planner=planner, no_dist=no_dist)
+    if planner.refused is not None:
+        raise _refused(path, planner.refused)
+
+
+def read_model_state(path: Path, model_sd: dict[str, torch.Tensor]) -> None:
+    """Fill `model_sd` (a model's whole state_dict, e.g. on CPU) in place from checkpoint `path`,
+    in this process, no process group needed: `ioe-train export --step`, `sample`, `eval`.
+
+    Raises ConfigError, naming the checkpoint: a pickle that could run code, or weights that do
+    not fit `model_sd`'s keys and shapes.
+    """
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            _safe_dcp_load({"model": model_sd}, path, no_dist=True)
+        except (dcp.CheckpointException, ValueError, RuntimeError, OSError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            # a key/shape mismatch arrives as a CheckpointException (a BaseException) holding the
+            # rank's traceback, whose last line is the reason
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{path}: cannot read the model of the run's config.yaml from it: {why}") from None
 
 
 def export_model(model: nn.Module, path: Path, rank: int, extra: dict[str, Any]) -> None:

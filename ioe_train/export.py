@@ -15,17 +15,16 @@ import json
 import os
 import pickle
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ioe_train.config import DataConfig, TrainConfig, load_config
-from ioe_train.model import PRESETS, Arch, ModelConfig, build_model
+from ioe_train.checkpoint import checkpoint_steps, read_model_state
+from ioe_train.config import ConfigError, DataConfig, TrainConfig, load_config
+from ioe_train.model import Arch, ModelConfig, build_model
 from ioe_train.moe import MoE, MoEConfig
 from pile_prep.tokenizer import DEFAULT_TOKENIZER, NUM_BASE_TOKENS
 
@@ -65,15 +64,10 @@ def read_weights(run_dir: Path, step: int | None = None) -> tuple[ModelConfig, d
     with torch.device("meta"):
         shapes = build_model(cfg).state_dict()
     sd = {k: torch.empty_like(v, device="cpu") for k, v in shapes.items()}
-    with warnings.catch_warnings():  # a process group is not needed to read the files back
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
-        except (dcp.CheckpointException, ValueError, RuntimeError, OSError) as e:
-            # a shape/key mismatch arrives as a CheckpointException (a BaseException) holding the
-            # rank's traceback, whose last line is the reason
-            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise ExportError(f"{path}: cannot read the model of {run_dir / 'config.yaml'} from it: {why}") from None
+    try:
+        read_model_state(path, sd)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     return cfg, sd, step
 
 
@@ -133,12 +127,12 @@ def _run_config(run_dir: Path) -> TrainConfig:
 
 
 def _steps_hint(run_dir: Path) -> str:
-    steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+    steps = checkpoint_steps(run_dir / "checkpoints")
     return f" (checkpoints: {', '.join(map(str, steps))})" if steps else " (no checkpoints found)"
 
 
 def _check_exportable(cfg: ModelConfig, run_dir: Path) -> None:
-    if PRESETS[cfg.name][1] and cfg.moe.router != "topk":
+    if cfg.is_moe and cfg.moe.router != "topk":
         raise ExportError(
             f"model.moe.router: {cfg.moe.router!r} has no transformers equivalent (only 'topk' "
             f"exports, as Qwen2MoE); use the raw weights in {run_dir / 'final' / 'model.pt'} "

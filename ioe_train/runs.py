@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
+from ioe_train.checkpoint import checkpoint_steps, read_model_state
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.model import Decoder, build_model
 
@@ -50,14 +49,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the run's complete DCP checkpoints, oldest first (`step_*.tmp` are incomplete)."""
-    directory = Path(run_dir) / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in directory.glob("step_*") if p.name[5:].isdigit())
-
-
 def load_model(run_dir: Path) -> tuple[Decoder, TrainConfig, int]:
     """The run's model on CPU (fp32, eval mode) with its newest weights, its config, and the step.
 
@@ -71,7 +62,7 @@ def load_model(run_dir: Path) -> tuple[Decoder, TrainConfig, int]:
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     model = build_model(cfg.model)
-    steps = checkpoint_steps(run_dir)
+    steps = checkpoint_steps(run_dir / "checkpoints")
     final = run_dir / "final" / "model.pt"
     if final.is_file():
         try:
@@ -83,12 +74,10 @@ def load_model(run_dir: Path) -> tuple[Decoder, TrainConfig, int]:
             return model.eval(), cfg, int(blob["step"])
     if not steps:
         raise RunError(f"{run_dir}: no checkpoint and no final/model.pt readable with weights_only=True")
-    path = run_dir / "checkpoints" / f"step_{steps[-1]:06d}"
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, checkpoint_id=str(path))
-    _load_state(model, state["model"], path)
+    try:  # in place, into the model's own tensors
+        read_model_state(run_dir / "checkpoints" / f"step_{steps[-1]:06d}", model.state_dict())
+    except ConfigError as e:
+        raise RunError(str(e)) from None
     return model.eval(), cfg, steps[-1]
 
 

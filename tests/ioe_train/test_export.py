@@ -144,3 +144,34 @@ def test_checkpoint_that_does_not_match_the_config_is_one_line(runs, tmp_path):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "Size mismatch" in lines[0] and "step_000002: cannot read the model" in lines[0]
+
+
+class _Payload:
+    """Unpickling this runs code: os.system would create the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_by_export_sample_and_eval(runs, tmp_path):
+    import pickle
+    import shutil
+
+    from ioe_train.export import ExportError
+    from ioe_train.runs import RunError, load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "topk", run)
+    shutil.rmtree(run / "final")  # load_model then reads the checkpoint
+    marker = tmp_path / "pwned"
+    (run / "checkpoints" / f"step_{STEPS:06d}" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ExportError, match=r"\.metadata holds objects other than tensors.*refused"):
+        read_weights(run, STEPS)  # ioe-train export --step
+    with pytest.raises(RunError, match=r"\.metadata holds objects other than tensors.*refused"):
+        load_model(run)  # ioe-train sample / eval
+    assert not marker.exists()
