@@ -43,7 +43,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.config import ConfigError, TrainConfig, load_config
-from ioe_train.data import MemmapLoader
+from ioe_train.data import build_train_loader
 from ioe_train.devices import peak_flops
 from ioe_train.metrics import memory_gib
 from ioe_train.model import build_model, count_params
@@ -318,7 +318,8 @@ def step(model, optimizer, batches, cfg: TrainConfig, device: torch.device):
 def measure_row(row: Row, cfg: TrainConfig, plan: Plan, device: torch.device, mesh, tmp: Path) -> dict:
     start = time.perf_counter()
     model, optimizer, active = build(cfg, device, mesh)
-    batches = iter(MemmapLoader(cfg.data, cfg.micro_batch_size, 0, 1, tmp / "index"))
+    batches = iter(build_train_loader(cfg.data, cfg.micro_batch_size, 0, 1, tmp / "index",
+                                      pin_memory=device.type == "cuda"))  # as the trainer's
     built = time.perf_counter()
     results = [step(model, optimizer, batches, cfg, device) for _ in range(plan.warmup_steps)]
     sync(device)
@@ -399,7 +400,8 @@ def learn_curve(precision: str, steps: int, plan: Plan, device: torch.device, me
         f"parallel.mixed_precision={precision}", f"output_dir={tmp}"])  # fmt: skip
     model, optimizer, _ = build(cfg, device, mesh)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
-    batches = iter(MemmapLoader(cfg.data, cfg.micro_batch_size, 0, 1, tmp / "index"))
+    batches = iter(build_train_loader(cfg.data, cfg.micro_batch_size, 0, 1, tmp / "index",
+                                      pin_memory=device.type == "cuda"))  # as the trainer's
     losses = []
     for _ in range(steps):
         losses.append(step(model, optimizer, batches, cfg, device).ce)

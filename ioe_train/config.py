@@ -69,7 +69,9 @@ class ParallelConfig:
     mixed_precision: str = "auto"  # "auto": bf16 params/fp32 reduce on GPU, fp32 on CPU; "bf16"; "fp32"
     activation_checkpointing: str = "none"  # "none" | "selective" (router kept) | "full"
     compile: bool = False  # torch.compile each transformer layer
-    reshard_after_forward: bool = True  # FULL_SHARD; False keeps params gathered (SHARD_GRAD_OP)
+    # Blocks: True = FULL_SHARD; False keeps their params gathered (SHARD_GRAD_OP). The root (tied
+    # embedding, final norm) is always kept gathered after forward (parallelize.py).
+    reshard_after_forward: bool = True
     # HSDP: R replicas of the model, each sharded over world/R consecutive ranks. Set R = nodes so
     # that the per-layer all-gathers stay within a node; 1: FSDP over all ranks.
     replicate_degree: int = 1

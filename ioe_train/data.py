@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ioe_train.config import DataConfig
+from ioe_train.config import ConfigError, DataConfig
 from ioe_train.order import SampleOrder, derive_key, hash_uniform
 from pile_prep.reader import ShardDataset
 
@@ -74,16 +74,21 @@ def mixture_copies(sources: np.ndarray, weights: np.ndarray, key: int) -> np.nda
     return whole.astype(np.int64) + extra
 
 
+def check_mixture(cfg: DataConfig, source_names: list[str]) -> None:
+    """Every `data.mixture` name must be a pile_set_name of the training data (ConfigError)."""
+    unknown = sorted(set(cfg.mixture) - set(source_names))
+    if unknown:
+        raise ConfigError(f"data.mixture.{unknown[0]}: not a pile_set_name of data.train_dirs "
+                          f"(they hold {', '.join(source_names)})")  # fmt: skip
+
+
 def mixture_index(ds: ShardDataset, cfg: DataConfig, cache_dir: Path) -> np.ndarray:
     """Sample index of each of the M mixture samples, sorted: [M] (memory-mapped, cached).
 
     Built once per (data fingerprint, seq_len, seed, weights) and written atomically to
     `cache_dir`; 4 bytes per mixture sample while N < 2^32.
     """
-    unknown = sorted(set(cfg.mixture) - set(ds.source_names))
-    if unknown:
-        raise ValueError(f"data.mixture.{unknown[0]}: not a pile_set_name of data.train_dirs "
-                         f"(they hold {', '.join(ds.source_names)})")  # fmt: skip
+    check_mixture(cfg, ds.source_names)
     key = derive_key("mixture", ds.fingerprint, cfg.seq_len, cfg.seed, sorted(cfg.mixture.items()))
     path = cache_dir / f"mixture-{key:016x}.npy"
     if not path.exists():

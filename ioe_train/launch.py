@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ioe_train.config import ConfigError, TrainConfig, load_config
+from ioe_train.data import check_mixture
 from ioe_train.lock import check_run_dir_free
-from ioe_train.model import PRESETS
 
 
 @dataclass
@@ -47,12 +47,8 @@ def check_data(cfg: TrainConfig) -> None:
                 found[key] = ShardDataset(dirs)
             except ShardError as e:
                 raise ConfigError(f"{key}: {e}") from None
-    train = found["data.train_dirs"]
-    for name in cfg.data.mixture:
-        if name not in train.source_names:
-            raise ConfigError(f"data.mixture.{name}: not a pile_set_name of data.train_dirs (they hold "
-                              f"{', '.join(train.source_names)})")  # fmt: skip
-    vocab = cfg.model.vocab_size or PRESETS[cfg.model.name][0].vocab_size
+    check_mixture(cfg.data, found["data.train_dirs"].source_names)
+    vocab = cfg.model.arch().vocab_size
     for key, ds in found.items():
         if vocab < ds.vocab_size:
             raise ConfigError(f"model.vocab_size: {vocab} < the vocabulary of {key}' tokenizer "

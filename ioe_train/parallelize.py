@@ -130,22 +130,6 @@ def data_parallel_mesh(device_type: str, world_size: int, replicate_degree: int)
 
 
 @torch.no_grad()
-def copy_full_weights(model: nn.Module, full: nn.Module) -> None:
-    """Set each sharded parameter of `model` to its shard of the same parameter of `full`.
-
-    `full` is an unsharded twin on this rank (same structure, same order of parameters); every
-    rank holds the same one, so each keeps its own shard with no communication.
-    """
-    params, full_params = list(model.parameters()), list(full.parameters())
-    if len(params) != len(full_params):
-        raise ValueError(f"{len(params)} sharded parameters but {len(full_params)} in the twin")
-    for p, q in zip(params, full_params):
-        if p.shape != q.shape:
-            raise ValueError(f"sharded parameter of shape {tuple(p.shape)} vs twin {tuple(q.shape)}")
-        p.copy_(distribute_tensor(q.to(p.device), p.device_mesh, p.placements, src_data_rank=None))
-
-
-@torch.no_grad()
 def copy_full_tensors(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Set parameters of `model` (sharded or not) by their unwrapped names to full tensors.
 

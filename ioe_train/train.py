@@ -32,7 +32,7 @@ from ioe_train.metrics import MetricsLogger, format_line, memory_gib
 from ioe_train.model import build_model, count_params, expert_stats, init_weights
 from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from ioe_train.parallelize import copy_full_tensors, copy_full_weights, data_parallel_mesh, parallelize
+from ioe_train.parallelize import copy_full_tensors, data_parallel_mesh, parallelize
 from ioe_train.plan import flops_per_token
 from ioe_train.upcycle import load_dense, upcycle
 
@@ -75,7 +75,7 @@ def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Non
     full = build_model(cfg.model)
     torch.manual_seed(cfg.seed)
     init_weights(full)
-    copy_full_weights(model, full)
+    copy_full_tensors(model, full.named_parameters())
     with torch.no_grad():
         for buffer, full_buffer in zip(model.buffers(), full.buffers()):  # the RoPE cache (not sharded)
             buffer.copy_(full_buffer)
@@ -100,13 +100,16 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
     tokens_per_rank_step = a * cfg.micro_batch_size * cfg.data.seq_len
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, aux, router
     load = entropy = None
-    for _ in range(a):
+    for i in range(a):
         batch = next(batches)
         inputs = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         ce_sum, router_loss, aux_loss = model(inputs, labels)  # fused output + CE: no [B, S, V] logits
         loss = microbatch_loss(ce_sum, router_loss, aux_loss, tokens_per_rank_step=tokens_per_rank_step,
                                grad_accum=a, load_balancing_loss_weight=cfg.load_balancing_loss_weight)
+        # HSDP: reduce-scatter within the replica every micro-batch, but all-reduce across the
+        # replicas (the nodes) once per step, after the last one. A no-op on a 1-D mesh.
+        model.set_requires_all_reduce(i == a - 1)
         loss.backward()
         sums += torch.stack([ce_sum.detach(), aux_loss.detach(), router_loss.detach()]).double()
         stats = expert_stats(model) if want_experts else {}

@@ -243,6 +243,7 @@ def _hsdp_and_fsdp(rank, world, train_dir, root):
         cfg = load_config(CONFIG, small(train_dir, f"{root}/replicate{replicate}", "steps=3", "checkpoint.interval=0",
                                         "checkpoint.export_final=false", "logging.expert_interval=0",
                                         "model.moe.aux_loss_scope=global",  # counts all-reduced
+                                        "grad_accum_steps=2",  # HSDP all-reduces after the last only
                                         f"parallel.replicate_degree={replicate}"))  # fmt: skip
         train_mod.train(cfg, rank, world, rank)
 
