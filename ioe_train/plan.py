@@ -37,7 +37,7 @@ import torch
 from ioe_train.config import TrainConfig
 from ioe_train.devices import BY_KEY
 from ioe_train.model import Arch, Decoder, build_model, count_params
-from ioe_train.moe import ROUTERS, MoE, MoEConfig
+from ioe_train.moe import ROUTERS, IoERouter, MoE, MoEConfig, TopKRouter
 
 FIT_FRACTION = 0.9
 GIB = 2**30
@@ -71,10 +71,20 @@ def model_budget(model: Decoder, seq_len: int) -> Budget:
     return Budget(total, active, arch.vocab_size * arch.dim, 6.0 * active + attention + extra, attention)
 
 
+def _is_topk(moe: MoEConfig) -> bool:
+    """Whether `moe` dispatches tokens (TopKRouter and its subclasses) or merges experts (IoE);
+    the memory model knows these two kinds of router only."""
+    router = ROUTERS[moe.router]
+    if not issubclass(router, (TopKRouter, IoERouter)):
+        raise ValueError(f"model.moe.router: {moe.router!r} is neither a top-k nor an IoE router: "
+                         "ioe-train plan has no memory model for it")  # fmt: skip
+    return issubclass(router, TopKRouter)
+
+
 def activation_bytes_per_token(arch: Arch, moe: MoEConfig | None, a: int, checkpointing: str) -> float:
     """Bytes autograd keeps per token for one block until its backward (a: activation bytes)."""
     d, heads = arch.dim, arch.num_heads
-    topk = moe is not None and moe.router == "topk"
+    topk = moe is not None and _is_topk(moe)
     if checkpointing == "full":  # the block input + the router's kept top-k (values and indices)
         return a * d + (12 * moe.top_k if topk else 0)
     if checkpointing == "selective":  # + attention's output and logsumexp
@@ -99,18 +109,17 @@ def _backward_work_bytes(arch: Arch, moe: MoEConfig | None, a: int, tokens: int)
     if moe is None:
         return tokens * a * (3 * arch.hidden_dim + 3 * d)
     h = moe.expert_hidden_dim
-    if moe.router == "topk":
+    if _is_topk(moe):
         return tokens * a * (3 * moe.top_k * h + 3 * moe.top_k * d)
     # IoE: a chunk's merged experts and their gradients, its activations, and the E experts'
     # gradients summed in fp32 (Experts.merged_swiglu).
-    chunk = moe.ioe_merge_chunk
-    merged = 2 * chunk * 3 * d * h * a + chunk * moe.ioe_segment_len * 6 * h * a
-    return merged + moe.num_experts * 3 * d * h * (4 + a) + tokens * a * 3 * d
+    chunk_acts = moe.ioe_merge_chunk * moe.ioe_segment_len * 6 * h * a
+    return ioe_merged_bytes(moe, d, a) + chunk_acts + moe.num_experts * 3 * d * h * (4 + a) + tokens * a * 3 * d
 
 
 def ioe_merged_bytes(moe: MoEConfig | None, dim: int, a: int) -> float:
-    """IoE's transient merged experts in one block's backward (0 for other routers)."""
-    if moe is None or moe.router != "ioe":
+    """IoE's transient merged experts and their gradients in one block's backward (0 for top-k)."""
+    if moe is None or _is_topk(moe):
         return 0.0
     return 2 * moe.ioe_merge_chunk * 3 * dim * moe.expert_hidden_dim * a
 
@@ -163,6 +172,7 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     ce_chunk = chunk * v * (8 + (2 * a if a != 4 else 0)) + v * d * (a + reduce_copy)
     unsharded = root * a + 2 * layer * a
     backward = root * a + layer * (a + reduce_copy) + recompute + _backward_work_bytes(arch, moe, a, tokens)
+    state = 16 * total / shard  # fp32 parameters, gradients, AdamW's two moments
     rows = {
         "sharded parameters (fp32)": 4 * total / shard,
         "gradients (fp32, sharded)": 4 * total / shard,
@@ -175,8 +185,8 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     ioe = ioe_merged_bytes(moe, d, a)
     if ioe:
         rows["  of which IoE merged experts"] = ioe
-    forward_end = sum(rows[k] for k in list(rows)[:6])
-    backward_peak = sum(rows[k] for k in list(rows)[:5]) + backward  # the loss's buffers are spent by then
+    forward_end = state + unsharded + acts + ce_kept + ce_chunk
+    backward_peak = state + unsharded + acts + backward  # the loss's buffers are spent by then
     rows["peak"] = max(forward_end, backward_peak)
     return rows
 

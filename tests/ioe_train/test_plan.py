@@ -62,7 +62,7 @@ def saved_bytes_per_token(router: str | None, dtype: torch.dtype, **moe) -> tupl
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # bf16 RMSNorm on CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("router", "moe"), [(None, {}), ("topk", {"top_k": 2}), ("topk", {"top_k": 1}),
-                                             ("topk", {"shared_expert_hidden_dim": 32}),
+                                             ("topk", {"shared_expert_hidden_dim": 32}), ("topk_bias", {"top_k": 2}),
                                              ("ioe", {"ioe_segment_len": 16})])  # fmt: skip
 def test_activation_model_matches_autograd_saved_tensors(router, moe, dtype):
     measured, arch, cfg = saved_bytes_per_token(router, dtype, **moe)
