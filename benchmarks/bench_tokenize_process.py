@@ -124,14 +124,14 @@ def main() -> None:
 
 def huge_line_ratio(work: Path, mb: float) -> None:
     """Cutting one line of 2N MB against one of N MB: ~2 when linear, ~4 when quadratic."""
-    from pile_prep.inputs import iter_chunks
+    from pile_prep.inputs import input_chunks
 
     seconds = {}
     for size in (mb / 2, mb):
         path = work / "huge.jsonl"
         path.write_bytes(b'{"text": "' + b"x" * int(size * 1e6) + b'"}\n')
         t0 = time.perf_counter()
-        for _ in iter_chunks([path], 64 << 20, "text"):
+        for _ in input_chunks(0, path, 64 << 20, "text"):
             pass
         seconds[size] = time.perf_counter() - t0
         path.unlink()

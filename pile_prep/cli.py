@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from pile_prep.export import ExportError, export_megatron
 from pile_prep.sample import (
     DOMAIN_TOKENIZER,
     DOMAIN_WORDS,
-    VAL_STREAM,
     DomainCorpus,
+    domain_val_documents,
     write_domain_corpus,
     write_sample_corpus,
 )
@@ -109,7 +110,7 @@ def sample_cmd(directory, kind, files, docs, domains, words, successors, mean_wo
     for path in paths:
         click.echo(f"{path} ({path.stat().st_size:,} bytes)")
     if kind == "domains":
-        val = corpus.documents(max(1, docs // 10), VAL_STREAM)
+        val = domain_val_documents(corpus, docs)
         click.echo(f"best loss per token: {corpus.entropy_rate():.4f} nats knowing each document's domain; "
                    f"{corpus.bayes_loss(val):.4f} on val.jsonl.zst inferring it from the document so far. "
                    f"Tokenize with --tokenizer {directory / DOMAIN_TOKENIZER} (vocabulary {words + 1}) "
@@ -149,8 +150,6 @@ def export_group() -> None:
               metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
 def export_megatron_cmd(dirs, prefix) -> None:
     """Megatron-LM / NeMo / GPT-NeoX indexed dataset of DIRS: one sequence per document."""
-    from pile_prep.export import ExportError, export_megatron
-
     try:
         s = export_megatron(dirs, prefix)
     except ExportError as e:

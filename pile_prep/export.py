@@ -3,7 +3,7 @@
 Megatron-LM, NeMo and GPT-NeoX read `PREFIX.bin` (the tokens) and `PREFIX.idx` (`MMIDIDX`
 header, then per-sequence lengths and byte pointers, then document boundaries); the layout is
 written out in docs/FORMAT.md. One sequence per document, its EOS included, int32 tokens.
-Streaming: the tokens are copied shard by shard, and the index is written in three passes over
+Streaming: the tokens are copied shard by shard, and the index is written in two passes over
 the shards' `.idx` files, so memory holds one shard's offsets at a time.
 """
 
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from pile_prep.reader import ShardDataset, ShardError, read_index
-from pile_prep.shards import fsync_dir
+from pile_prep.shards import fsync_dir, temp_path
 
 MEGATRON_INDEX_HEADER = b"MMIDIDX\x00\x00"
 MEGATRON_INDEX_VERSION = 1
@@ -89,20 +89,17 @@ def export_megatron(dirs: Sequence[str | Path], prefix: str | Path) -> ExportSum
         raise ExportError(f"vocab size {ds.vocab_size} does not fit Megatron's int32 tokens")
     prefix = Path(prefix)
     paths = (Path(f"{prefix}.bin"), Path(f"{prefix}.idx"))
-    temps = [p.with_name(f"{p.name}.tmp-{os.getpid()}") for p in paths]
+    temps = [temp_path(p) for p in paths]
     try:
         _write_bin(ds, temps[0])
         _write_idx(ds, temps[1])
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
         fsync_dir(paths[0].parent)
-    except OSError as e:
+    except (OSError, ShardError, ExportError) as e:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
-        where = e.filename or paths[0].parent
-        raise ExportError(f"cannot write {where}: {e.strerror or e}") from None
-    except (ShardError, ExportError) as e:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write {e.filename or paths[0].parent}: {e.strerror or e}") from None
         raise ExportError(str(e)) from None
     return ExportSummary(*paths, ds.num_documents, ds.num_tokens, time.perf_counter() - start)

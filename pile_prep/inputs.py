@@ -242,12 +242,6 @@ def _parquet_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -
                     rows=(texts, sources))  # fmt: skip
 
 
-def iter_chunks(inputs: list[Path], shard_bytes: int, text_field: str) -> Iterator[Chunk]:
-    """Every chunk of every input, in order."""
-    for index, path in enumerate(inputs):
-        yield from input_chunks(index, path, shard_bytes, text_field)
-
-
 def input_chunks(index: int, path: Path, shard_bytes: int, text_field: str) -> Iterator[Chunk]:
     """Every chunk of one input, numbered as input `index` of its job."""
     if path.name.endswith(".parquet"):

@@ -208,18 +208,23 @@ def write_domain_tokenizer(path: Path, words: int) -> Path:
     return path
 
 
+def domain_val_documents(corpus: DomainCorpus, docs_per_file: int):
+    """The documents of `write_domain_corpus`'s val.jsonl.zst: a tenth as many as a train file."""
+    return corpus.documents(max(1, docs_per_file // 10), VAL_STREAM)
+
+
 def write_domain_corpus(directory: Path, corpus: DomainCorpus, num_files: int = 1,
                         docs_per_file: int = 4000) -> list[Path]:  # fmt: skip
     """Write `00.jsonl.zst`.., `val.jsonl.zst` (a tenth as many documents; Pile layout,
     `meta.pile_set_name` = the domain) and the word tokenizer `tokenizer.json`; returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    files = [(f"{i:02d}.jsonl.zst", docs_per_file, i) for i in range(num_files)]
-    files.append(("val.jsonl.zst", max(1, docs_per_file // 10), VAL_STREAM))
+    files = [(f"{i:02d}.jsonl.zst", corpus.documents(docs_per_file, i)) for i in range(num_files)]
+    files.append(("val.jsonl.zst", domain_val_documents(corpus, docs_per_file)))
     paths = []
-    for name, n, stream in files:
+    for name, documents in files:
         lines = [json.dumps({"text": "".join(" " + DOMAIN_WORDS[w] for w in words),
                              "meta": {"pile_set_name": corpus.names[d]}})
-                 for d, words in corpus.documents(n, stream)]  # fmt: skip
+                 for d, words in documents]  # fmt: skip
         paths.append(_write_jsonl_zst(directory / name, lines))
     paths.append(write_domain_tokenizer(directory / DOMAIN_TOKENIZER, corpus.words))
     return paths

@@ -64,8 +64,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _tmp(path: Path) -> Path:
-    # Per-process name: an orphaned worker of a killed run may still be writing the same file.
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before its rename (`is_temp` recognises it). Per process: an
+    orphaned worker of a killed run may still be writing the same file."""
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
@@ -75,7 +76,7 @@ def is_temp(name: str) -> bool:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all; on a failed write no temp file stays (OutputError)."""
-    tmp = _tmp(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -110,7 +111,7 @@ class ShardWriter:
     def __init__(self, directory: Path, name: str):
         self.directory, self.name = directory, name
         self._bin = directory / f"{name}.bin"
-        self._tmp_bin = _tmp(self._bin)
+        self._tmp_bin = temp_path(self._bin)
         try:
             self._file = open(self._tmp_bin, "wb", buffering=1 << 20)
         except OSError as e:

@@ -264,7 +264,7 @@ def _same_input(record: dict, chunk: Chunk) -> bool:
 def _remove_stale_shards(output: Path, names: set[str]) -> None:
     """Shard files of chunks that no longer exist (an input edited in place now cuts fewer)."""
     for p in output.glob("shard-*"):
-        if ".tmp-" not in p.name and p.name.split(".")[0] not in names:
+        if not is_temp(p.name) and p.name.split(".")[0] not in names:
             p.unlink()
 
 
@@ -382,9 +382,12 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
         os.close(lock)
 
 
+def _finished(output: Path) -> int:
+    return sum(1 for _ in output.glob("shard-*.json"))
+
+
 def _kept(output: Path) -> str:
-    done = sum(1 for p in output.glob("shard-*.json"))
-    return (f"{done} finished shards are kept in {output}: fix the cause (free space?) and rerun "
+    return (f"{_finished(output)} finished shards are kept in {output}: fix the cause (free space?) and rerun "
             "the same command to resume")  # fmt: skip
 
 
@@ -456,13 +459,10 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
     bar.close()
     if failure is not None:
         if isinstance(failure, InputError):
-            done = sum(1 for _ in output.glob("shard-*.json"))
             raise TokenizeError(
-                f"{failure}\n{done} finished shards are kept in {output}: rerun the same "
+                f"{failure}\n{_finished(output)} finished shards are kept in {output}: rerun the same "
                 "command to resume, with --skip-bad-lines to skip such lines"
             ) from failure
-        if isinstance(failure, OutputError):
-            raise TokenizeError(f"{failure}; {_kept(output)}") from None
         if isinstance(failure, BrokenProcessPool):
             raise TokenizeError(f"a worker process died (killed, or out of memory?); "
                                 f"{_kept(output)}") from None  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import xxhash
 
-from pile_prep.inputs import InputError, expand_inputs, iter_chunks, iter_records
+from pile_prep.inputs import InputError, expand_inputs, input_chunks, iter_records
 from pile_prep.reader import ShardDataset, ShardError, _as_dirs, load_manifest
 from pile_prep.shards import (
     INDEX_HEADER,
@@ -419,7 +419,7 @@ def _sample_dir(
             out.append(Problem(inp["path"], f"input of {ds.dirs[0]} ({inp['size']} bytes) {why}"))
             continue
         try:
-            for chunk in iter_chunks([path], manifest["shard_bytes"], manifest["text_field"]):
+            for chunk in input_chunks(input_index, path, manifest["shard_bytes"], manifest["text_field"]):
                 if chunk.chunk_index > max(chunks):
                     break
                 for rec in iter_records(chunk, manifest["text_field"]):
