@@ -140,8 +140,6 @@ def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_cmd(run_dir, dirs, batches, as_json) -> None:
     """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU)."""
-    import json
-
     from ioe_train.evaluate import evaluate_dirs
     from ioe_train.runs import RunError, load_model, run_tokenizer_fingerprint
     from pile_prep.reader import ShardDataset, ShardError

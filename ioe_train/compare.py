@@ -49,7 +49,7 @@ class RunSummary:
 
 
 def router_label(cfg: TrainConfig) -> str:
-    if not cfg.model.name.endswith("_moe"):
+    if not cfg.model.is_moe:
         return "dense"
     moe = cfg.model.moe
     if moe.router.startswith("topk"):
@@ -59,11 +59,10 @@ def router_label(cfg: TrainConfig) -> str:
     return f"{moe.router} ({moe.num_experts})"
 
 
-def summarise(run_dir: Path, equal_tokens: int | None, records: list[dict[str, Any]], cfg: TrainConfig,
+def summarise(run_dir: Path, equal_tokens: int, records: list[dict[str, Any]], cfg: TrainConfig,
               fingerprints: dict[str, str]) -> RunSummary:  # fmt: skip
-    """One run's row at `equal_tokens` (None: its own last record)."""
-    limit = equal_tokens if equal_tokens is not None else max(r["tokens"] for r in records)
-    upto = [r for r in records if r["tokens"] <= limit]
+    """One run's row at `equal_tokens` training tokens."""
+    upto = [r for r in records if r["tokens"] <= equal_tokens]
     evals = [r for r in records if "val/loss" in r]
     evals_upto = [r for r in upto if "val/loss" in r]
     speeds = [r["tokens_per_s"] for r in upto if "tokens_per_s" in r]

@@ -36,18 +36,16 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk_tokens
     chunk of logits ([chunk_tokens, V] fp32, ~0.6 GB at 1024 x 151,936) exists at a time, where
     the full logits of a 4 x 2048 micro-batch and their fp32 copy and gradient take ~15 GB.
     """
-    if reduction == "none":
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            raise RuntimeError("linear_cross_entropy(reduction='none') is for evaluation: run it under torch.no_grad()")
-        return torch.cat([F.cross_entropy(F.linear(hc, weight).float(), yc, reduction="none")
-                          for hc, yc in zip(h.split(chunk_tokens), labels.split(chunk_tokens))])  # fmt: skip
-    if reduction != "sum":
+    if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
-    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):  # no gradients to make
-        return sum((F.cross_entropy(F.linear(hc, weight).float(), yc, reduction="sum")
-                    for hc, yc in zip(h.split(chunk_tokens), labels.split(chunk_tokens))),
-                   torch.zeros((), dtype=torch.float32, device=h.device))  # fmt: skip
-    return _LinearCrossEntropySum.apply(h, weight, labels, chunk_tokens)
+    wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if wants_grad and reduction == "sum":
+        return _LinearCrossEntropySum.apply(h, weight, labels, chunk_tokens)
+    if wants_grad:
+        raise RuntimeError("linear_cross_entropy(reduction='none') is for evaluation: run it under torch.no_grad()")
+    losses = torch.cat([F.cross_entropy(F.linear(hc, weight).float(), yc, reduction="none")
+                        for hc, yc in zip(h.split(chunk_tokens), labels.split(chunk_tokens))])  # [T], no gradients
+    return losses if reduction == "none" else losses.sum()
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):

@@ -23,11 +23,16 @@ def memory_gib(device: torch.device) -> float:
     return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
 
 
+def load_shares(load: np.ndarray) -> np.ndarray:
+    """Each layer's share of its routed load per expert: [L, E], rows summing to 1."""
+    return load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)
+
+
 def expert_summary(load: np.ndarray, entropy: np.ndarray) -> dict[str, float]:
     """metrics.jsonl's expert balance: each layer's max load share (1/E = balanced, 1 = one
     expert takes everything; top-K counts routed slots, so K > 1 caps it at 1/K) and router
     entropy (nats; ln E = uniform), and their means over layers."""
-    shares = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)  # [L, E]
+    shares = load_shares(load)  # [L, E]
     out = {"experts/max_share": float(shares.max(axis=1).mean()), "experts/entropy": float(entropy.mean())}
     for layer in range(load.shape[0]):
         out[f"experts/max_share/layer_{layer:02d}"] = float(shares[layer].max())
@@ -40,7 +45,7 @@ def heatmap_figure(load: np.ndarray) -> Any:
     expert labels and a colour scale (0 to at least 2/E: balanced is the middle of the scale)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    shares = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)  # [L, E]
+    shares = load_shares(load)  # [L, E]
     layers, experts = shares.shape
     fig = Figure(figsize=(1.6 + 0.35 * experts, 1.0 + 0.25 * layers), dpi=100, layout="constrained")
     ax = fig.add_subplot()
@@ -101,7 +106,7 @@ class MetricsLogger:
             return
         for key, value in summary.items():
             self.writer.add_scalar(key, value, step)
-        shares = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)
+        shares = load_shares(load)
         for layer in range(load.shape[0]):
             for e in range(load.shape[1]):
                 self.writer.add_scalar(f"experts/load/layer_{layer:02d}/expert_{e:02d}", shares[layer, e], step)

@@ -33,7 +33,8 @@ from torch.autograd.function import once_differentiable
 # ROCm archs with a CK grouped-GEMM kernel behind torch._grouped_mm.
 _ROCM_GROUPED_ARCHS = ("gfx942", "gfx950")
 # torch._grouped_mm has a CPU kernel from torch 2.9 (2.8 raises NotImplementedError on CPU).
-_CPU_GROUPED = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
+_TORCH_MINOR = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])  # (2, 13)
+_CPU_GROUPED = _TORCH_MINOR >= (2, 9)
 # Its kernels need 16-byte-aligned row strides: D and H multiples of 8 cover fp32 and bf16.
 _ALIGN = 8
 # (device-name substring, torch "major.minor" or "" for any) where gpu_check.py's parity of
@@ -47,7 +48,7 @@ def grouped_mm_failed(device: torch.device) -> bool:
     if not GROUPED_MM_FAILURES:  # no device query (nothing for torch.compile to trace) until one is listed
         return False
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    torch_minor = ".".join(map(str, _TORCH_MINOR))
     return any(part in name and version in ("", torch_minor) for part, version in GROUPED_MM_FAILURES)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ioe_train.data import num_windows, read_windows
 from pile_prep.reader import ShardDataset
 from pile_prep.sample import DOMAIN_TOKENIZER, DomainCorpus, write_domain_corpus
 from pile_prep.tokenize import TokenizeOptions, tokenize
@@ -36,14 +37,13 @@ def make_domain_shards(root: Path) -> tuple[Path, Path]:
 def windows(directory: Path) -> torch.Tensor:
     """Every window of SEQ_LEN + 1 tokens of the shards, in stream order: [N, SEQ_LEN + 1]."""
     ds = ShardDataset(directory)
-    n = (ds.num_tokens - 1) // SEQ_LEN
-    return torch.from_numpy(np.stack([ds.tokens(i * SEQ_LEN, i * SEQ_LEN + SEQ_LEN + 1)
-                                      for i in range(n)]).astype(np.int64))  # fmt: skip
+    return read_windows(ds, np.arange(num_windows(ds.num_tokens, SEQ_LEN)), SEQ_LEN)
 
 
 def train_and_validate(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, steps: int,
                        seed: int = 0, batch_size: int = 16, lr: float = 1e-2) -> float:  # fmt: skip
-    """AdamW with 20 warmup steps and a cosine to lr / 10, as the trainer; returns the val loss."""
+    """AdamW with 20 warmup steps times a cosine to lr / 10 (close to, not exactly, the trainer's
+    schedule); returns the val loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
