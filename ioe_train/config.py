@@ -21,6 +21,9 @@ from ioe_train.model import ModelConfig
 from ioe_train.moe import MoEConfig
 
 
+PACKINGS = ("stream", "by_source", "similarity")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message starts with the offending key."""
 
@@ -44,6 +47,10 @@ class DataConfig:
     val_dirs: list[str] = field(default_factory=list)  # held-out shard dirs; empty: no eval
     seq_len: int = 2048  # tokens per sample (a window reads seq_len + 1 for the shifted labels)
     seed: int = 0  # with the data fingerprint and seq_len, fixes the global sample order
+    # How documents become samples (docs/TRAINING.md#packing): "stream" (windows of the documents
+    # in data order), "by_source" (each window holds documents of one pile_set_name), "similarity"
+    # (documents chained by a content signature). Validation windows are packed the same way.
+    packing: str = "stream"
     # pile_set_name -> sampling weight (unlisted sources: 1.0); see docs/TRAINING.md#mixture.
     mixture: dict[str, float] = field(default_factory=dict)
     num_workers: int = 1  # DataLoader worker processes per rank; the order does not depend on it
@@ -93,6 +100,10 @@ class EvalConfig:
     interval: int = 1000  # steps between evaluations; 0: never
     max_batches: int = 50  # micro-batches per rank per evaluation; 0: the whole val set
     batch_size: int = 0  # samples per micro-batch; 0: training's micro_batch_size
+    packing: str | None = None  # how validation windows are packed; None: data.packing
+    # Score each document on its own: block-causal attention and the IoE document reset in
+    # evaluation, whatever the training used (one protocol for every router).
+    per_document: bool = False
 
 
 @dataclass
@@ -123,6 +134,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Check values and combinations; raise ConfigError naming the key."""
         _choice("data.source", self.data.source, ("memmap", "streaming"))
+        _choice("data.packing", self.data.packing, PACKINGS)
+        if self.eval.packing is not None:
+            _choice("eval.packing", self.eval.packing, PACKINGS)
+        if self.data.source == "streaming" and self.data.packing != "stream":
+            _fail("data.packing", f"{self.data.packing!r} needs data.source=memmap (streaming reads documents in file order)")
         if self.data.source == "memmap" and not self.data.train_dirs:
             _fail("data.train_dirs", "empty: give the `pile-prep tokenize` output directories")
         if self.data.source == "streaming":
