@@ -2,14 +2,16 @@
 
 Letters: S seq_len, B samples per micro-batch, W data-parallel ranks, N samples, M mixture samples.
 
-A sample is the window [i*S, i*S + S + 1) of the dataset's token stream (documents packed, each
-followed by EOS): N = (tokens - 1) // S windows that overlap by the one token that is both the
-last label of window i and the first input of window i + 1. `ioe_train.order.SampleOrder` maps
-global positions to samples; a micro-batch of rank r is B consecutive positions of its share.
+A sample is a window of S + 1 tokens of the packed stream (`data.packing`, ioe_train.packing):
+with "stream" packing window i is [i*S, i*S + S + 1) of the dataset's token stream (documents,
+each followed by EOS), so consecutive windows overlap by the one token that is both the last
+label of window i and the first input of window i + 1. `ioe_train.order.SampleOrder` maps global
+positions to samples; a micro-batch of rank r is B consecutive positions of its share. In epoch
+e >= 1 every window is shifted by a keyed offset in [0, S), so its content moves between epochs.
 Each window is copied once, from the mapped shard straight into the batch tensor.
 
 The data position saved in a checkpoint is `consumed`, the samples of all ranks handed to the
-trainer so far, with what the order depends on (data fingerprint, seq_len, seed, mixture).
+trainer so far, with what the order depends on (data fingerprint, seq_len, seed, mixture, packing).
 """
 
 from __future__ import annotations
@@ -26,40 +28,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ioe_train.config import ConfigError, DataConfig
-from ioe_train.order import SampleOrder, derive_key, hash_uniform
+from ioe_train.order import FeistelPermutation, SampleOrder, derive_key, hash_uniform
+from ioe_train.packing import PackedStream, pack
 from pile_prep.reader import ShardDataset
 
 Batch = dict[str, torch.Tensor]  # input_ids [B, S] int64, labels [B, S] int64 (+ source_ids in eval)
-_MIXTURE_CHUNK = 1 << 20  # samples per lookup when finding each sample's source
+VAL_PACKING_SEED = 0  # validation windows do not depend on data.seed: every seed scores the same set
 
 
 class DataStateError(ValueError):
     """A checkpoint's data position that does not fit the data or config of this run."""
 
 
-def num_windows(num_tokens: int, seq_len: int) -> int:
-    return max(0, (num_tokens - 1) // seq_len)
-
-
-def read_windows(ds: ShardDataset, samples: np.ndarray, seq_len: int) -> torch.Tensor:
-    """Windows `samples` of the stream as one int64 tensor [len(samples), S + 1]."""
-    out = np.empty((len(samples), seq_len + 1), np.int64)
-    for row, i in enumerate(samples.tolist()):
-        out[row] = ds.tokens(i * seq_len, i * seq_len + seq_len + 1)  # uint32 view -> int64 batch
+def read_windows(packed: PackedStream, samples: np.ndarray, shifts: np.ndarray | None = None) -> torch.Tensor:
+    """Windows `samples` (shifted by `shifts`, default 0) as one int64 tensor [len(samples), S + 1]."""
+    out = np.empty((len(samples), packed.seq_len + 1), np.int64)
+    shifts = np.zeros(len(samples), np.int64) if shifts is None else shifts
+    for row, (i, shift) in enumerate(zip(samples.tolist(), shifts.tolist())):
+        out[row] = packed.tokens(i, shift)  # uint32 view -> int64 batch
     return torch.from_numpy(out)
 
 
+def epoch_shifts(epochs: np.ndarray, seq_len: int, key: int) -> np.ndarray:
+    """Window shift in [0, S) of each epoch: 0 in epoch 0, keyed after: [len(epochs)] int64."""
+    shifts = (hash_uniform(key, epochs) * seq_len).astype(np.int64)
+    return np.where(epochs == 0, 0, shifts)
+
+
 # --- mixture --------------------------------------------------------------------------------------
-
-
-def sample_sources(ds: ShardDataset, seq_len: int) -> np.ndarray:
-    """Index into ds.source_names of each sample's first token: [N] (from the index files only)."""
-    n = num_windows(ds.num_tokens, seq_len)
-    out = np.empty(n, np.int32)
-    for a in range(0, n, _MIXTURE_CHUNK):
-        b = min(n, a + _MIXTURE_CHUNK)
-        out[a:b] = ds.sources_at(np.arange(a, b, dtype=np.int64) * seq_len)
-    return out
 
 
 def mixture_copies(sources: np.ndarray, weights: np.ndarray, key: int) -> np.ndarray:
@@ -82,18 +78,20 @@ def check_mixture(cfg: DataConfig, source_names: list[str]) -> None:
                           f"(they hold {', '.join(source_names)})")  # fmt: skip
 
 
-def mixture_index(ds: ShardDataset, cfg: DataConfig, cache_dir: Path) -> np.ndarray:
+def mixture_index(packed: PackedStream, cfg: DataConfig, cache_dir: Path) -> np.ndarray:
     """Sample index of each of the M mixture samples, sorted: [M] (memory-mapped, cached).
 
-    Built once per (data fingerprint, seq_len, seed, weights) and written atomically to
+    A window counts as the source of its first token (with by_source packing, its only source).
+    Built once per (data fingerprint, seq_len, seed, weights, packing) and written atomically to
     `cache_dir`; 4 bytes per mixture sample while N < 2^32.
     """
+    ds = packed.ds
     check_mixture(cfg, ds.source_names)
-    key = derive_key("mixture", ds.fingerprint, cfg.seq_len, cfg.seed, sorted(cfg.mixture.items()))
+    key = derive_key("mixture", ds.fingerprint, cfg.seq_len, cfg.seed, sorted(cfg.mixture.items()), cfg.packing)
     path = cache_dir / f"mixture-{key:016x}.npy"
     if not path.exists():
         weights = np.array([cfg.mixture.get(name, 1.0) for name in ds.source_names])
-        copies = mixture_copies(sample_sources(ds, cfg.seq_len), weights, key)
+        copies = mixture_copies(packed.window_sources(), weights, key)
         n = len(copies)
         index = np.repeat(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64), copies)
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -104,13 +102,19 @@ def mixture_index(ds: ShardDataset, cfg: DataConfig, cache_dir: Path) -> np.ndar
     return np.load(path, mmap_mode="r")
 
 
-def prepare_mixture(cfg: DataConfig, cache_dir: Path) -> None:
-    """Build the mixture index into `cache_dir` (if `cfg` has one), for the loaders to load.
+def prepare_data(cfg: DataConfig, val_packing: str | None, cache_dir: Path) -> None:
+    """Build the packing orders (training, and validation when `val_packing` is given) and the
+    mixture index into `cache_dir`, for the loaders to load.
 
     The trainer calls this on local rank 0 only, then a barrier: one build per node, not per rank.
     """
-    if cfg.source == "memmap" and cfg.mixture:
-        mixture_index(ShardDataset(cfg.train_dirs), cfg, cache_dir)
+    if cfg.source != "memmap":
+        return
+    packed = pack(ShardDataset(cfg.train_dirs), cfg.packing, cfg.seq_len, cfg.seed, cache_dir)
+    if cfg.mixture:
+        mixture_index(packed, cfg, cache_dir)
+    if val_packing is not None and cfg.val_dirs:
+        pack(ShardDataset(cfg.val_dirs), val_packing, cfg.seq_len, VAL_PACKING_SEED, cache_dir)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -120,17 +124,20 @@ class _TrainBatches(Dataset):
     """Item p: rank `rank`'s micro-batch that starts at global position p (a map-style dataset,
     so DataLoader workers return batches in sampler order whatever their number)."""
 
-    def __init__(self, ds: ShardDataset, order: SampleOrder, mixture: np.ndarray | None,
-                 seq_len: int, batch_size: int, rank: int):  # fmt: skip
-        self.ds, self.order, self.mixture = ds, order, mixture
-        self.seq_len, self.batch_size, self.rank = seq_len, batch_size, rank
+    def __init__(self, packed: PackedStream, order: SampleOrder, mixture: np.ndarray | None,
+                 batch_size: int, rank: int, shift_key: int):  # fmt: skip
+        self.packed, self.order, self.mixture = packed, order, mixture
+        self.batch_size, self.rank, self.shift_key = batch_size, rank, shift_key
 
-    def samples(self, start: int) -> np.ndarray:
-        picked = self.order.samples(self.order.rank_positions(start, self.batch_size, self.rank))
-        return picked if self.mixture is None else self.mixture[picked].astype(np.int64)
+    def samples(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(windows [B], their shifts [B]) of the micro-batch at global position `start`."""
+        positions = self.order.rank_positions(start, self.batch_size, self.rank)
+        picked = self.order.samples(positions)
+        shifts = epoch_shifts(positions // self.order.epoch_size, self.packed.seq_len, self.shift_key)
+        return (picked if self.mixture is None else self.mixture[picked].astype(np.int64)), shifts
 
     def __getitem__(self, start: int) -> Batch:
-        windows = read_windows(self.ds, self.samples(start), self.seq_len)  # [B, S + 1]
+        windows = read_windows(self.packed, *self.samples(start))  # [B, S + 1]
         # Contiguous: a pinned copy of a strided view stays strided, and its copy to the GPU would
         # go through a pageable temporary (no overlap with compute).
         return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
@@ -145,14 +152,15 @@ class MemmapLoader:
         self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies overlap compute
         self.ds = ShardDataset(cfg.train_dirs)
         self.batch_size, self.world_size = batch_size, world_size
-        mixture = mixture_index(self.ds, cfg, cache_dir) if cfg.mixture else None
-        n = num_windows(self.ds.num_tokens, cfg.seq_len) if mixture is None else len(mixture)
+        packed = pack(self.ds, cfg.packing, cfg.seq_len, cfg.seed, cache_dir)
+        mixture = mixture_index(packed, cfg, cache_dir) if cfg.mixture else None
+        n = packed.num_windows if mixture is None else len(mixture)
         if n < world_size:
             raise ValueError(f"data.train_dirs: {n} samples of {cfg.seq_len + 1} tokens, fewer "
                              f"than the {world_size} ranks")  # fmt: skip
         key = derive_key("order", cfg.seed, self.ds.fingerprint, cfg.seq_len)
         self.order = SampleOrder(n, world_size, key)
-        self.batches = _TrainBatches(self.ds, self.order, mixture, cfg.seq_len, batch_size, rank)
+        self.batches = _TrainBatches(packed, self.order, mixture, batch_size, rank, derive_key("shift", key))
         self.consumed = 0
 
     @property
@@ -162,7 +170,7 @@ class MemmapLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed, "fingerprint": self.ds.fingerprint,
                 "seq_len": self.cfg.seq_len, "seed": self.cfg.seed,
-                "mixture": sorted(self.cfg.mixture.items())}  # fmt: skip
+                "mixture": sorted(self.cfg.mixture.items()), "packing": self.cfg.packing}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         now = self.state_dict()
@@ -172,8 +180,9 @@ class MemmapLoader:
                 f"{state['fingerprint']}, now {now['fingerprint']}: other shards, files or "
                 "tokenizer); point data.train_dirs at the original data or start a new output_dir"
             )
-        state = {**state, "mixture": [tuple(x) for x in state["mixture"]]}  # lists after a load
-        for key in ("seq_len", "seed", "mixture"):
+        # Lists after a load; checkpoints from before packing existed packed as "stream".
+        state = {**state, "mixture": [tuple(x) for x in state["mixture"]], "packing": state.get("packing", "stream")}
+        for key in ("seq_len", "seed", "mixture", "packing"):
             if state[key] != now[key]:
                 raise DataStateError(f"data.{key}: {now[key]!r}, but the checkpoint was written "
                                      f"with {state[key]!r}; it fixes the sample order")  # fmt: skip
@@ -232,14 +241,25 @@ def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: 
 
 
 class EvalSet:
-    """The held-out windows in stream order; rank r reads samples r, r + W, ... (equal counts)."""
+    """The held-out windows, packed by `packing`; rank r reads samples r, r + W, ... (equal counts).
 
-    def __init__(self, dirs: list[str], seq_len: int, rank: int, world_size: int):
+    "stream" reads the windows in stream order; the grouped packings read them in a fixed keyed
+    order, so that an evaluation of `max_batches` covers every source. The packing's document
+    order uses VAL_PACKING_SEED: the same windows for every run.
+    """
+
+    def __init__(self, dirs: list[str], seq_len: int, rank: int, world_size: int, packing: str = "stream",
+                 cache_dir: Path | None = None):  # fmt: skip
         self.ds = ShardDataset(dirs)
-        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
-        self.per_rank = num_windows(self.ds.num_tokens, seq_len) // world_size
+        if packing != "stream" and cache_dir is None:
+            raise ValueError(f"packing {packing!r} needs a cache directory for its document order")
+        self.packed = pack(self.ds, packing, seq_len, VAL_PACKING_SEED, cache_dir or Path("."))
+        self.rank, self.world_size = rank, world_size
+        n = self.packed.num_windows
+        self.per_rank = n // world_size
         if self.per_rank == 0:
             raise ValueError(f"data.val_dirs: fewer than {world_size} samples of {seq_len + 1} tokens")
+        self._order = None if packing == "stream" else FeistelPermutation(n, derive_key("val", self.ds.fingerprint))
 
     @property
     def source_names(self) -> list[str]:
@@ -249,10 +269,11 @@ class EvalSet:
         """input_ids, labels and source_ids (the label token's pile_set_name index) [B, S]."""
         count = self.per_rank if not max_batches else min(self.per_rank, max_batches * batch_size)
         mine = np.arange(count, dtype=np.int64) * self.world_size + self.rank
-        s = self.seq_len
+        if self._order is not None:
+            mine = self._order(mine)
         for a in range(0, count, batch_size):
             samples = mine[a : a + batch_size]
-            windows = read_windows(self.ds, samples, s)
-            sources = np.stack([self.ds.token_source_ids(i * s + 1, i * s + s + 1) for i in samples.tolist()])
+            windows = read_windows(self.packed, samples)
+            sources = np.stack([self.packed.source_ids(i)[1:] for i in samples.tolist()])
             yield {"input_ids": windows[:, :-1], "labels": windows[:, 1:],
                    "source_ids": torch.from_numpy(sources.astype(np.int64))}  # fmt: skip

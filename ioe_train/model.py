@@ -185,23 +185,29 @@ class Decoder(nn.Module):
         self.tokens_per_expert: Tensor | None = None
         self.router_entropy: Tensor | None = None
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None, reduction: str = "sum") -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, reduction: str = "sum",
+                per_document: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """tokens: [B, S] int64 -> (out, router_loss, aux_loss), the losses fp32 scalars.
 
         Without labels, out is the logits [B, S, V] (parameter dtype). With labels [B, S], out is
         the fp32 cross-entropy of the labels: summed (reduction "sum", differentiable) or per
         token [B, S] (reduction "none", evaluation only), `ce_chunk_tokens` rows of logits at a
         time (ioe_train.loss.linear_cross_entropy).
+
+        `per_document` scores every document on its own, whatever the model was built with:
+        block-causal attention, and the document reset for routers that take `doc_start` (IoE).
         """
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.max_seq_len}")
         h = self.tok_embeddings(tokens)  # [B, S, D]
+        block_causal = per_document or self.attention == "block_causal"
+        document_reset = per_document or self.document_reset
         doc_start = mask = None
-        if self.attention == "block_causal" or self.document_reset:
+        if block_causal or document_reset:
             doc_start = document_starts(tokens, self.eos_id)  # [B, S]
-        if self.attention == "block_causal":
+        if block_causal:
             mask = document_mask(doc_start)  # built once, shared by every layer
-        router_doc_start = doc_start if self.document_reset else None
+        router_doc_start = doc_start if document_reset else None
         router_loss = aux_loss = h.new_zeros((), dtype=torch.float32)
         loads, entropies = [], []
         for layer in self.layers:

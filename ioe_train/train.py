@@ -23,7 +23,7 @@ from torch import nn
 
 from ioe_train.checkpoint import Checkpointer, export_model
 from ioe_train.config import ConfigError, TrainConfig, load_config
-from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader, prepare_mixture
+from ioe_train.data import Batch, DataStateError, EvalSet, build_train_loader, prepare_data
 from ioe_train.devices import peak_flops
 from ioe_train.evaluate import loss_sums, losses_from_sums
 from ioe_train.lock import run_dir_lock
@@ -138,7 +138,7 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
 def evaluate(model: nn.Module, eval_set: EvalSet, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """Validation loss per label token, overall and per pile_set_name (all ranks' samples)."""
     sums, counts = loss_sums(model, eval_set, cfg.eval.batch_size or cfg.micro_batch_size,
-                             cfg.eval.max_batches, device)  # fmt: skip
+                             cfg.eval.max_batches, device, cfg.eval.per_document)  # fmt: skip
     dist.all_reduce(sums)
     dist.all_reduce(counts)
     return losses_from_sums(sums, counts, eval_set.source_names)
@@ -163,8 +163,9 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
-    if local_rank == 0:  # the mixture index: built once per node, loaded by every rank
-        prepare_mixture(cfg.data, out / "data_index")
+    val_packing = cfg.eval.packing or cfg.data.packing
+    if local_rank == 0:  # packing orders and the mixture index: built once per node, loaded by every rank
+        prepare_data(cfg.data, val_packing if cfg.eval.interval else None, out / "data_index")
     dist.barrier()
     loader = build_train_loader(cfg.data, cfg.micro_batch_size, rank, world_size, out / "data_index",
                                 pin_memory=device.type == "cuda")  # fmt: skip
@@ -205,7 +206,9 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
              f"per token; {world_size} ranks on {device.type}; "
              + (f"resumed at step {step}" if step else "starting")
              + (f" from {cfg.model.init_from}" if cfg.model.init_from and not step else ""))  # fmt: skip
-    eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size) if cfg.eval.interval else None
+    eval_set = None
+    if cfg.eval.interval:
+        eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size, val_packing, out / "data_index")
 
     # topk_bias routers update from every step's global load, not only on expert_interval steps.
     load_every_step = balances_from_load(model)

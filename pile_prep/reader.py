@@ -360,6 +360,12 @@ class ShardDataset:
             return np.empty(0, np.int64)
         return np.concatenate([np.diff(read_index(shard)[0]) for shard in self.shards])
 
+    def document_sources(self) -> np.ndarray:
+        """Index into `source_names` of each document, [N] int16/int32, from the index files alone."""
+        if not self.shards:
+            return np.empty(0, self._source_dtype)
+        return np.concatenate([self._source_maps[s][read_index(shard)[1]] for s, shard in enumerate(self.shards)])
+
     # --- token ranges ---------------------------------------------------------------------------
 
     def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:

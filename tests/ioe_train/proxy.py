@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ioe_train.data import num_windows, read_windows
+from ioe_train.data import read_windows
+from ioe_train.packing import pack
 from pile_prep.reader import ShardDataset
 from pile_prep.sample import DOMAIN_TOKENIZER, DomainCorpus, write_domain_corpus
 from pile_prep.tokenize import TokenizeOptions, tokenize
@@ -36,8 +37,8 @@ def make_domain_shards(root: Path) -> tuple[Path, Path]:
 
 def windows(directory: Path) -> torch.Tensor:
     """Every window of SEQ_LEN + 1 tokens of the shards, in stream order: [N, SEQ_LEN + 1]."""
-    ds = ShardDataset(directory)
-    return read_windows(ds, np.arange(num_windows(ds.num_tokens, SEQ_LEN)), SEQ_LEN)
+    packed = pack(ShardDataset(directory), "stream", SEQ_LEN, seed=0, cache_dir=directory)  # "stream": no cache
+    return read_windows(packed, np.arange(packed.num_windows))
 
 
 def train_and_validate(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, steps: int,

@@ -15,7 +15,6 @@ from ioe_train.data import (
     MemmapLoader,
     StreamingLoader,
     mixture_copies,
-    num_windows,
 )
 from ioe_train.order import FeistelPermutation, SampleOrder, derive_key
 from pile_prep.reader import ShardDataset
@@ -63,7 +62,7 @@ def test_batches_are_windows_of_the_stream(shards, tmp_path):
     ds = ShardDataset([train])
     ld = loader(train, tmp_path, rank=1)
     (batch,) = take(ld, 1)
-    samples = ld.batches.samples(0)
+    samples, _ = ld.batches.samples(0)
     assert batch["input_ids"].shape == batch["labels"].shape == (4, S)
     assert batch["input_ids"].dtype == torch.int64
     for row, i in enumerate(samples.tolist()):
@@ -83,8 +82,8 @@ def test_order_does_not_depend_on_workers(shards, tmp_path):
 
 def test_order_depends_on_seed_and_seq_len(shards, tmp_path):
     train, _ = shards
-    base = loader(train, tmp_path).batches.samples(0)
-    assert not np.array_equal(base, loader(train, tmp_path, seed=1).batches.samples(0))
+    base, _ = loader(train, tmp_path).batches.samples(0)
+    assert not np.array_equal(base, loader(train, tmp_path, seed=1).batches.samples(0)[0])
 
 
 def test_resume_continues_exactly(shards, tmp_path):
@@ -123,7 +122,7 @@ def test_mixture_reweights_sources(shards, tmp_path):
     train, _ = shards
     ds = ShardDataset([train])
     ld = loader(train, tmp_path, mixture={"Github": 0.0, "ArXiv": 2.0})
-    n = num_windows(ds.num_tokens, S)
+    n = (ds.num_tokens - 1) // S
     first = np.array([ds.token_source_ids(i * S, i * S + 1)[0] for i in range(n)])
     names = ds.source_names
     counts = np.bincount(first, minlength=len(names))
@@ -140,7 +139,7 @@ def test_eval_set_attributes_label_tokens_to_sources(shards):
     _, val = shards
     ds = ShardDataset([val])
     sets = [EvalSet([str(val)], S, r, 2) for r in range(2)]
-    assert sets[0].per_rank == sets[1].per_rank == num_windows(ds.num_tokens, S) // 2
+    assert sets[0].per_rank == sets[1].per_rank == (ds.num_tokens - 1) // S // 2
     batch = next(sets[1].batches(batch_size=3, max_batches=0))  # rank 1: samples 1, 3, 5
     assert batch["input_ids"][1].tolist() == ds.tokens(3 * S, 4 * S).astype(np.int64).tolist()
     assert batch["source_ids"][0].tolist() == ds.token_source_ids(S + 1, 2 * S + 1).tolist()
@@ -152,7 +151,7 @@ def test_eval_set_attributes_label_tokens_to_sources(shards):
 def _gather_samples(rank, world, train, cache):
     ld = MemmapLoader(DataConfig(train_dirs=[train], seq_len=S, num_workers=0), 4, rank, world, cache)
     steps = ld.samples_per_epoch // (4 * world)
-    mine = np.concatenate([ld.batches.samples(k * 4 * world) for k in range(steps)]).tolist()
+    mine = np.concatenate([ld.batches.samples(k * 4 * world)[0] for k in range(steps)]).tolist()
     take(ld, 2)
     assert ld.consumed == 2 * 4 * world
     shares = [None] * world
