@@ -12,6 +12,7 @@ from pile_prep.sample import (
     DOMAIN_WORDS,
     DomainCorpus,
     domain_val_documents,
+    packing_continuity,
     write_domain_corpus,
     write_sample_corpus,
 )
@@ -85,9 +86,11 @@ def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_
 @click.option("--kind", type=click.Choice(["text", "domains"]), default="text", show_default=True,
               help="text: mixed synthetic text (tokenizer cases); domains: the router research proxy "
                    "(K hidden Markov-chain domains; docs/MOE.md#the-domains-proxy).")
-@click.option("--files", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--docs", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Documents per training file (val gets a tenth).")
+@click.option("--files", type=click.IntRange(min=1), default=None,
+              help="Training files [default: 2 for text, 1 for domains].")
+@click.option("--docs", type=click.IntRange(min=1), default=None,
+              help="Documents per training file (val gets a tenth) [default: 2000 for text; 2400 for "
+                   "domains: ~620k tokens, one epoch of configs/proxy_*.yaml].")
 @click.option("--domains", type=click.IntRange(min=1), default=DomainCorpus.domains, show_default=True,
               help="domains: K, the hidden domains (pile_set_name domain_00..).")
 @click.option("--words", type=click.IntRange(min=1, max=len(DOMAIN_WORDS)), default=DomainCorpus.words,
@@ -97,8 +100,15 @@ def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_
 @click.option("--mean-words", type=click.FloatRange(min=1), default=DomainCorpus.mean_words,
               show_default=True, help="domains: mean document length in words.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def sample_cmd(directory, kind, files, docs, domains, words, successors, mean_words, seed) -> None:
+@click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="domains: window length for the packing report (configs/proxy_*.yaml's).")
+@click.option("--segment-len", type=click.IntRange(min=1), default=16, show_default=True,
+              help="domains: IoE segment length for the packing report (configs/proxy_ioe.yaml's).")
+def sample_cmd(directory, kind, files, docs, domains, words, successors, mean_words, seed, seq_len,
+               segment_len) -> None:  # fmt: skip
     """Write a small synthetic Pile-format corpus (00.jsonl.zst.., val.jsonl.zst)."""
+    files = files or (2 if kind == "text" else 1)
+    docs = docs or (2000 if kind == "text" else 2400)
     if kind == "text":
         paths = write_sample_corpus(directory, files, docs, seed)
     else:
@@ -115,6 +125,13 @@ def sample_cmd(directory, kind, files, docs, domains, words, successors, mean_wo
                    f"{corpus.bayes_loss(val):.4f} on val.jsonl.zst inferring it from the document so far. "
                    f"Tokenize with --tokenizer {directory / DOMAIN_TOKENIZER} (vocabulary {words + 1}) "
                    "or the default qwen2.5 (one token per word either way).")
+        train = [doc for i in range(files) for doc in corpus.documents(docs, i)]
+        tokens = sum(len(words) + 1 for _, words in train)
+        click.echo(f"training data: {tokens:,} tokens in {len(train):,} documents of {tokens / len(train):.0f} "
+                   f"tokens on average. Routed {segment_len}-token segments of {seq_len}-token windows whose "
+                   "previous segment lies wholly in their own document / domain, per data.packing:")
+        for packing, (doc, domain) in packing_continuity(train, words, seq_len, segment_len).items():
+            click.echo(f"  {packing:<10} {doc:6.1%} / {domain:6.1%}")
 
 
 @main.command("inspect")

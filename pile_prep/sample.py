@@ -22,6 +22,14 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from pile_prep.packing import (
+    SIGNATURE_TOKENS,
+    content_signatures,
+    document_order,
+    segment_continuity,
+    signature_projection,
+)
+
 SOURCES = ("Pile-CC", "PubMed Central", "Github", "ArXiv", "Wikipedia (en)", "StackExchange")
 _SYLLABLES = "ka lo mi ne ru sa ti vo pe da gri tor ven qui lum sha bex".split()
 _EXTRAS = ["東京", "数据", "模型", "🙂", "🚀", "café", "naïve", "Ω", "\t", "    ", "<|endoftext|>"]
@@ -115,7 +123,9 @@ class DomainCorpus:
     domains: int = 8  # K
     words: int = 128  # V (at most len(DOMAIN_WORDS))
     successors: int = 2  # b
-    mean_words: float = 32.0  # 1 / q; document lengths are geometric from 1
+    # 1 / q; document lengths are geometric from 1. 256 words: 16 segments of a 16-token segment
+    # router, so most segments are routed by a segment of their own document.
+    mean_words: float = 256.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -228,3 +238,27 @@ def write_domain_corpus(directory: Path, corpus: DomainCorpus, num_files: int = 
         paths.append(_write_jsonl_zst(directory / name, lines))
     paths.append(write_domain_tokenizer(directory / DOMAIN_TOKENIZER, corpus.words))
     return paths
+
+
+def packing_continuity(docs: list[tuple[int, list[int]]], words: int, seq_len: int,
+                       segment_len: int) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """{packing: (same document, same domain)}: the shares of `segment_continuity` when the
+    documents (domain, word ids; word i is token i, EOS is `words`) are packed by each packing."""
+    domains = np.array([d for d, _ in docs])  # [D]
+    tokens = [np.array(ws + [words]) for _, ws in docs]  # each document with its EOS
+    lengths = np.array([len(t) for t in tokens])  # [D]
+    flat = np.concatenate(tokens)  # [T]
+    capped = [t[:SIGNATURE_TOKENS] for t in tokens]
+    projection = signature_projection(np.bincount(np.concatenate(capped), minlength=words + 1))
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in capped])])
+    signatures = content_signatures(np.concatenate(capped), offsets, projection)
+    out = {}
+    for packing in ("stream", "by_source", "similarity"):
+        order = np.arange(len(docs)) if packing == "stream" else document_order(packing, domains, signatures, 0)
+        doc_ids = np.repeat(order, lengths[order])  # [T] in packed order
+        spans = [len(flat)]
+        if packing == "by_source":
+            spans = np.bincount(domains, weights=lengths, minlength=int(domains.max()) + 1).astype(np.int64)
+            spans = spans[spans > 0]
+        out[packing] = segment_continuity(doc_ids, domains[doc_ids], np.asarray(spans), seq_len, segment_len)
+    return out

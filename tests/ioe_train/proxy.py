@@ -21,7 +21,7 @@ from pile_prep.sample import DOMAIN_TOKENIZER, DomainCorpus, write_domain_corpus
 from pile_prep.tokenize import TokenizeOptions, tokenize
 
 SEQ_LEN = 64
-CORPUS = DomainCorpus()  # 8 domains, 128 words, 2 successors: the CLI's defaults
+CORPUS = DomainCorpus(mean_words=32.0)  # 8 domains, 128 words, 2 successors; short documents keep tests fast
 VOCAB = CORPUS.words + 1  # words + EOS
 
 
