@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ioe_train.config import ConfigError, load_config
+from ioe_train.config import PACKINGS, ConfigError, load_config
 from ioe_train.devices import BY_KEY
 from ioe_train.launch import LaunchOptions, launch
 
@@ -137,8 +137,13 @@ def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
               help="Shard directory (repeatable: read as one dataset).")
 @click.option("--batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Micro-batches to evaluate; 0: every window.")
+@click.option("--packing", type=click.Choice(PACKINGS), default=None,
+              help="How the windows are packed [default: the run's eval.packing, else data.packing].")
+@click.option("--per-document/--no-per-document", default=None,
+              help="Score each document on its own (block-causal attention, IoE document reset) "
+                   "[default: the run's eval.per_document].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(run_dir, dirs, batches, as_json) -> None:
+def eval_cmd(run_dir, dirs, batches, packing, per_document, as_json) -> None:
     """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU)."""
     from ioe_train.evaluate import evaluate_dirs
     from ioe_train.runs import RunError, load_model, run_tokenizer_fingerprint
@@ -147,14 +152,18 @@ def eval_cmd(run_dir, dirs, batches, as_json) -> None:
     try:
         model, cfg, step = load_model(run_dir)
         ShardDataset(list(dirs), expect_fingerprint=run_tokenizer_fingerprint(cfg))
-        losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len,
-                               cfg.eval.batch_size or cfg.micro_batch_size, batches)  # fmt: skip
+        packing = packing or cfg.eval.packing or cfg.data.packing
+        per_document = cfg.eval.per_document if per_document is None else per_document
+        losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len, cfg.eval.batch_size or cfg.micro_batch_size,
+                               batches, packing, per_document, Path(run_dir) / "data_index")  # fmt: skip
     except (RunError, ShardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps({"run": str(run_dir), "step": step, **losses}, indent=2))
+        click.echo(json.dumps({"run": str(run_dir), "step": step, "packing": packing, "per_document": per_document,
+                               **losses}, indent=2))  # fmt: skip
         return
-    click.echo(f"{run_dir} (step {step}): val loss {losses['val/loss']:.4f}")
+    protocol = f"{packing} packing{', per document' if per_document else ''}"
+    click.echo(f"{run_dir} (step {step}, {protocol}): val loss {losses['val/loss']:.4f}")
     for key, value in losses.items():
         if key.count("/") == 2:
             click.echo(f"  {key.split('/', 2)[2]:<24} {value:.4f}")
