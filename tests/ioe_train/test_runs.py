@@ -63,15 +63,18 @@ def test_newest_weights_load_from_the_checkpoint_or_final_model_pt(run):
 
 def test_eval_reports_the_loss_of_every_window_overall_and_per_domain(run, domain_shards):
     out, model, _ = run
-    result = CliRunner().invoke(ioe_train, ["eval", str(out), "--data", str(domain_shards[1]), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
     val = windows(domain_shards[1])  # [N, S + 1], all of them: one process
-    with torch.no_grad():
-        logits, _, _ = model.eval()(val[:, :-1])
-    want = F.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).item()
-    assert report["step"] == 5 and report["val/loss"] == pytest.approx(want, rel=1e-5)
-    assert sorted(k for k in report if k.startswith("val/loss/")) == [f"val/loss/domain_{i:02d}" for i in range(8)]
+    for flag, per_document in (("--no-per-document", False), (None, True)):  # default: the run's eval protocol
+        args = ["eval", str(out), "--data", str(domain_shards[1]), "--json"] + ([flag] if flag else [])
+        result = CliRunner().invoke(ioe_train, args)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        with torch.no_grad():
+            logits, _, _ = model.eval()(val[:, :-1], per_document=per_document)
+        want = F.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).item()
+        assert report["step"] == 5 and report["val/loss"] == pytest.approx(want, rel=1e-5)
+        assert report["per_document"] is per_document and report["packing"] == "stream"
+        assert sorted(k for k in report if k.startswith("val/loss/")) == [f"val/loss/domain_{i:02d}" for i in range(8)]
 
 
 def test_sample_continues_the_prompt_greedily_with_the_runs_tokenizer(run, domain_shards):
