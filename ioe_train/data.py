@@ -17,8 +17,6 @@ trainer so far, with what the order depends on (data fingerprint, seq_len, seed,
 from __future__ import annotations
 
 import itertools
-import os
-import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ioe_train.config import ConfigError, DataConfig
 from ioe_train.order import FeistelPermutation, SampleOrder, derive_key, hash_uniform
-from ioe_train.packing import PackedStream, pack
+from ioe_train.packing import PackedStream, pack, save_atomic
 from pile_prep.reader import ShardDataset
 
 Batch = dict[str, torch.Tensor]  # input_ids [B, S] int64, labels [B, S] int64 (+ source_ids in eval)
@@ -93,12 +91,7 @@ def mixture_index(packed: PackedStream, cfg: DataConfig, cache_dir: Path) -> np.
         weights = np.array([cfg.mixture.get(name, 1.0) for name in ds.source_names])
         copies = mixture_copies(packed.window_sources(), weights, key)
         n = len(copies)
-        index = np.repeat(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64), copies)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Host and pid: ranks of several nodes may write the same shared directory at once.
-        tmp = path.with_name(f"{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npy")
-        np.save(tmp, index)
-        os.replace(tmp, path)  # atomic: ranks building the same file concurrently all agree
+        save_atomic(path, np.repeat(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64), copies))
     return np.load(path, mmap_mode="r")
 
 

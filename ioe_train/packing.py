@@ -53,6 +53,20 @@ class PackedStream:
         self._first_window = np.concatenate([[0], np.cumsum(windows)])  # [P + 1]
         self.num_windows = int(self._first_window[-1])
 
+    def __getstate__(self) -> dict:
+        # Pickled into DataLoader workers: send the cache files' names, never their mapped bytes.
+        state = self.__dict__.copy()
+        for name in ("order", "starts"):
+            if isinstance(state[name], np.memmap):
+                state[name] = Path(state[name].filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in ("order", "starts"):
+            if isinstance(state[name], Path):
+                setattr(self, name, np.load(state[name], mmap_mode="r"))
+
     def window_ranges(self, i: int, shift: int = 0) -> list[tuple[int, int]]:
         """Window i's S + 1 tokens as ranges of the packed stream (two when it wraps)."""
         span = int(np.searchsorted(self._first_window, i, "right")) - 1
@@ -127,15 +141,16 @@ def pack(ds: ShardDataset, packing: str, seq_len: int, seed: int, cache_dir: Pat
             spans = np.concatenate([[0], starts[cut], [starts[-1]]])
         else:
             spans = np.array([0, starts[-1]])
-        _save(order_path, order.astype(np.uint32 if len(order) < 2**32 else np.int64))
-        _save(starts_path, starts)
-        _save(spans_path, spans)
+        save_atomic(order_path, order.astype(np.uint32 if len(order) < 2**32 else np.int64))
+        save_atomic(starts_path, starts)
+        save_atomic(spans_path, spans)
     return PackedStream(ds, seq_len, np.load(spans_path), np.load(order_path, mmap_mode="r"),
                         np.load(starts_path, mmap_mode="r"))  # fmt: skip
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    """Write atomically: ranks or nodes building the same file at once all end with one copy."""
+def save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` atomically: ranks building the same file at once all end with one
+    copy (host and pid in the temp name: several nodes may share the directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npy")
     np.save(tmp, array)
@@ -160,7 +175,7 @@ def content_signature_index(ds: ShardDataset, cache_dir: Path, workers: int | No
     with ProcessPoolExecutor(min(workers, len(tasks))) if workers > 1 else _InProcess() as pool:
         counts = sum(pool.map(_count_tokens, *zip(*tasks)))  # [V]
         signatures = np.concatenate(list(pool.map(_signatures, *zip(*tasks), [counts] * len(tasks))))
-    _save(path, signatures)
+    save_atomic(path, signatures)
     return signatures
 
 

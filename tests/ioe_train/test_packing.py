@@ -176,3 +176,12 @@ def test_packing_report_grouping_by_source_keeps_the_domain():
     report = packing_continuity(docs, words=16, seq_len=16, segment_len=4)
     assert report["by_source"][1] == 1.0 > report["stream"][1]
     assert max(r[0] for r in report.values()) < 0.1  # documents shorter than two segments: never their own
+
+
+def test_a_grouped_loader_in_worker_processes_gives_the_same_batches(shards, tmp_path):
+    train, _ = shards
+    plain = list(itertools.islice(iter(grouped_loader(train, tmp_path)), 3))
+    workers = grouped_loader(train, tmp_path, )
+    workers.cfg.num_workers = 2  # the packing's order travels as file names, mapped again there
+    for want, got in zip(plain, itertools.islice(iter(workers), 3)):
+        assert torch.equal(want["input_ids"], got["input_ids"])
