@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import ioe_train.train as train_mod
+import ioe_train.upcycle as upcycle_mod
 from ioe_train.config import ConfigError, load_config
 from ioe_train.model import ModelConfig, build_model, init_weights
 from ioe_train.moe import MoEConfig
@@ -80,6 +81,16 @@ def test_exact_slices_at_the_default_width_compute_the_dense_model(tmp_path, rou
     x = torch.randn(1, 32, 64)
     torch.testing.assert_close(moe.layers[0].mlp(x)[0], dense.layers[0].mlp(x), rtol=1e-5, atol=1e-6)
     assert not moe.layers[0].mlp.router.gate.weight.any()  # all probs tie: the same 2 experts for every token
+
+
+def test_exact_gives_the_slices_to_the_experts_a_zero_gate_picks(tmp_path, monkeypatch):
+    # torch.topk's tie-break differs between devices: whatever experts it picks hold one slice each.
+    monkeypatch.setattr(upcycle_mod, "zero_gate_choice", lambda num_experts, top_k, tokens, device: [1, 3])
+    dense = seeded(DENSE)
+    experts = upcycled(moe_cfg(), save_dense(tmp_path / "model.pt", dense)).layers[0].mlp.experts
+    x = torch.randn(5, 64)
+    outs = experts(x.repeat(4, 1), torch.full((4,), 5)).view(4, 5, 64)  # every row through every expert
+    torch.testing.assert_close((outs[1] + outs[3]) / 2, dense.layers[0].mlp(x), rtol=1e-5, atol=1e-6)
 
 
 def test_slices_do_not_keep_the_dense_function_and_say_so(tmp_path):
