@@ -179,13 +179,14 @@ def upcycle(dense: dict[str, Tensor], target: nn.Module, mode: str = "exact", no
     `target` only supplies names and shapes (a meta-device model is enough). Every mismatch is
     checked before the first tensor is yielded: one ConfigError names the missing, unexpected
     and wrongly shaped keys. `mode` is `model.upcycle` (checked against the router by
-    `upcycle_check`); "exact" with n > 1 slices gives them to the n experts that a zero gate picks
-    for `tokens` tokens on `device`, the training device (`zero_gate_choice`). noise > 0 adds noise * std(W) * N(0, 1) to each expert's copy of W
-    (drawn from `seed`: every rank makes the same tensors).
+    `upcycle_check`); "exact" with n > 1 slices gives them to the n experts that a zero gate
+    picks for `tokens` tokens on `device`, the training device (`zero_gate_choice`). noise > 0
+    adds noise * std(W) * N(0, 1) to each expert's copy of W (drawn from `seed`: every rank makes
+    the same tensors).
     """
     shapes = {name: p.shape for name, p in target.named_parameters()}
     used, missing, wrong = set(), [], []
-    slices = 1  # n
+    slices = 1
     for name, shape in shapes.items():
         if _FRESH.match(name):
             continue
@@ -196,7 +197,7 @@ def upcycle(dense: dict[str, Tensor], target: nn.Module, mode: str = "exact", no
             if all(k in dense for k in keys):
                 if problem := _expert_problem(*(dense[k] for k in keys), m.group(2), shape):
                     wrong.append(f"{name} {tuple(shape)}: {problem}")
-                else:
+                else:  # n = H / H_e
                     slices = dense[keys[0]].shape[0] // (shape[2] // 2 if m.group(2) == "w_gate_up" else shape[1])
         elif name not in dense:
             missing.append(name)
@@ -210,8 +211,8 @@ def upcycle(dense: dict[str, Tensor], target: nn.Module, mode: str = "exact", no
     if problems:
         raise ConfigError(f"model.init_from: {source} does not fit the model: " + "; ".join(problems))
     if slices > 1 and mode == "copies":
-        raise ConfigError(f"model.upcycle: 'copies' needs experts as wide as the dense MLP ({source}'s are "
-                          f"{slices}x wider)")  # fmt: skip
+        raise ConfigError(f"model.upcycle: 'copies' needs experts as wide as the dense MLP; {source}'s is "
+                          f"{slices}x theirs")  # fmt: skip
     selected = []
     if mode == "exact" and slices > 1:  # upcycle_check: a top-k router with K = n
         num_experts = next(shape[0] for name, shape in shapes.items() if _EXPERTS.match(name))

@@ -241,7 +241,9 @@ def test_ioe_expert_init_sets_the_experts_std(ioe_expert_init, expert_std):
 
 # Output std of the merged expert / a dense MLP's: a SwiGLU's output scales as its weights cubed,
 # and a uniform merge of E independent experts of std s has std s / sqrt(E).
-@pytest.mark.parametrize("ioe_expert_init,low,high", [("sqrt_e", 0.7, 1.4), ("unit", 0.03, 0.06), ("identical", 0.7, 1.4)])
+@pytest.mark.parametrize(
+    "ioe_expert_init,low,high", [("sqrt_e", 0.7, 1.4), ("unit", 0.03, 0.06), ("identical", 0.7, 1.4)]
+)
 def test_ioe_expert_init_sets_the_merged_expert_scale(ioe_expert_init, low, high):
     moe, dense = ioe_and_dense_at_init(ioe_expert_init)
     x = torch.randn(4, 64, 128)

@@ -143,7 +143,8 @@ def test_copies_are_refused_for_narrow_experts(tmp_path):
     path = save_dense(tmp_path / "model.pt", seeded(DENSE))
     with pytest.raises(ConfigError, match=r"^model.upcycle: 'copies' needs model.moe.expert_hidden_dim = the dense "
                                           r"hidden size 128, got 64"):  # fmt: skip
-        load_config(CONFIG, ["data.train_dirs=[x]", "eval.interval=0", f"model.init_from={path}", "model.upcycle=copies"])
+        load_config(CONFIG, ["data.train_dirs=[x]", "eval.interval=0", f"model.init_from={path}",
+                             "model.upcycle=copies"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"^model.upcycle: 'copies' needs experts as wide as the dense MLP"):
         upcycle(load_dense(path), seeded(moe_cfg()), "copies")
 
@@ -156,7 +157,8 @@ def test_noise_separates_the_copies(tmp_path):
     relative = (w - clean).std() / clean.std()
     assert 0.08 < relative < 0.12 and not torch.equal(w[0], w[1])
     assert torch.equal(w, upcycled(noisy, path).layers[0].mlp.experts.w_gate_up)  # from the seed
-    assert upcycle_check(noisy) == "model.upcycle=copies does not keep the dense function at init: init_noise 0.1 perturbs every expert"
+    assert upcycle_check(noisy) == ("model.upcycle=copies does not keep the dense function at init: "
+                                    "init_noise 0.1 perturbs every expert")
 
 
 def test_a_checkpoint_that_does_not_fit_names_its_keys(tmp_path):
