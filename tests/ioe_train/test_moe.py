@@ -367,6 +367,14 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
         MoEConfig(**{field: value})
 
 
+def test_ioe_identical_experts_separate_through_their_gradients():
+    # Expert e receives sum_s g_se dW_s: the merge weights g differ per segment, so do the gradients.
+    moe, _ = ioe_and_dense_at_init("identical")
+    moe(torch.randn(2, 64, 128))[0].square().sum().backward()  # 4 segments per sequence
+    grad = moe.experts.w_gate_up.grad
+    assert all((grad[e] - grad[0]).norm() > 1e-3 * grad[0].norm() for e in range(1, 8))
+
+
 def test_ioe_expert_init_is_refused_for_other_routers():
     with pytest.raises(ValueError, match=r"^ioe_expert_init applies to router 'ioe' only"):
         MoEConfig(router="topk", ioe_expert_init="identical")

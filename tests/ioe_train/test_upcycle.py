@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,6 +92,17 @@ def test_exact_gives_the_slices_to_the_experts_a_zero_gate_picks(tmp_path, monke
     x = torch.randn(5, 64)
     outs = experts(x.repeat(4, 1), torch.full((4,), 5)).view(4, 5, 64)  # every row through every expert
     torch.testing.assert_close((outs[1] + outs[3]) / 2, dense.layers[0].mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_is_refused_where_topk_breaks_ties_differently_per_token(monkeypatch):
+    def alternating(self, k, dim=-1):  # a device whose tie-break picks experts 0, 1 then 1, 2
+        indices = torch.arange(k).repeat(self.shape[0], 1)
+        indices[1::2] += 1
+        return SimpleNamespace(indices=indices)
+
+    monkeypatch.setattr(torch.Tensor, "topk", alternating)
+    with pytest.raises(ConfigError, match=r"^model.upcycle: 'exact' needs every token to pick the same experts"):
+        upcycle_mod.zero_gate_choice(8, 2, 16, torch.device("cpu"))
 
 
 def test_slices_do_not_keep_the_dense_function_and_say_so(tmp_path):
