@@ -159,9 +159,9 @@ def upcycle_check(cfg: ModelConfig) -> str | None:
 def zero_gate_choice(num_experts: int, top_k: int, tokens: int, device: torch.device) -> list[int]:
     """The K experts, ascending, a top-K router with a zero gate picks for each of `tokens` tokens.
 
-    All E probabilities are then 1/E and torch.topk's tie-break decides, which is not the same on
-    every device (the CPU picks 5 and 6 of 8 for top-2): `upcycle` gives these K experts the K
-    slices. Raises ConfigError if the tokens' choices differ.
+    All E probabilities are then 1/E and torch.topk's tie-break decides, which torch does not
+    specify (the CPU picks 5 and 6 of 8 for top-2): `upcycle` gives these K experts the K slices.
+    Raises ConfigError if the tokens' choices differ.
     """
     logits = torch.zeros(tokens, num_experts, device=device)  # [T, E]: F.linear(x, zero gate)
     picks = logits.softmax(dim=-1).topk(top_k, dim=-1).indices.sort(dim=-1).values  # [T, K]
