@@ -190,6 +190,10 @@ class TrainConfig:
             _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={max_seq_len}")
         if self.model.init_from is not None and not Path(self.model.init_from).exists():
             _fail("model.init_from", f"{self.model.init_from}: no such file or directory")
+        if self.model.init_from is not None and self.model.is_moe:
+            from ioe_train.upcycle import upcycle_check  # upcycle imports ConfigError from this module
+
+            upcycle_check(self.model)  # a mode that cannot do what it says is refused here
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))

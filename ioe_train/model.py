@@ -52,6 +52,7 @@ TINY = Arch(vocab_size=512, num_layers=2, dim=64, num_heads=4, num_kv_heads=2, h
 # ModelConfig fields that override the preset's Arch field of the same name.
 _ARCH_OVERRIDES = ("vocab_size", "max_seq_len", "num_layers", "dim", "num_heads", "num_kv_heads", "hidden_dim")
 ATTENTIONS = ("causal", "block_causal")
+UPCYCLES = ("exact", "copies", "slices")
 # Qwen2.5's <|endoftext|>: `pile-prep tokenize` ends every document with it (docs/FORMAT.md).
 QWEN_EOS_ID = 151_643
 
@@ -89,6 +90,12 @@ class ModelConfig:
     # Warm start from a dense checkpoint (sparse upcycling, ioe_train/upcycle.py): a final/model.pt
     # of this project or a Hugging Face Qwen2.5 safetensors directory; None = random init.
     init_from: str | None = None
+    # What upcycling makes of the dense MLP (a MoE model with init_from only; docs/MOE.md):
+    # "exact": the MoE computes the dense function at the first step, or the run is refused
+    #   before it starts, naming why (whole copies; top-k also one hidden slice per selected expert);
+    # "copies": every expert a whole copy (expert_hidden_dim = the dense hidden size), router fresh;
+    # "slices": expert e = hidden slice e mod n of the dense MLP (H = n * H_e), router fresh.
+    upcycle: str = "exact"
     init_noise: float = 0.0  # upcycling: expert e = dense MLP + init_noise * std(W) * N(0, 1)
 
     def __post_init__(self) -> None:
@@ -98,6 +105,8 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.eos_id < 0:
             raise ValueError(f"eos_id must be >= 0, got {self.eos_id}")
+        if self.upcycle not in UPCYCLES:
+            raise ValueError(f"upcycle must be one of {UPCYCLES}, got {self.upcycle!r}")
         if self.init_noise < 0:
             raise ValueError(f"init_noise must be >= 0, got {self.init_noise}")
         for key in _ARCH_OVERRIDES:

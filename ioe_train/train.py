@@ -34,7 +34,7 @@ from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ioe_train.parallelize import copy_full_tensors, data_parallel_mesh, parallelize
 from ioe_train.plan import flops_per_token
-from ioe_train.upcycle import load_dense, upcycle
+from ioe_train.upcycle import load_dense, upcycle, upcycle_check
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,7 +81,7 @@ def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Non
             buffer.copy_(full_buffer)
 
 
-def init_from_dense(model: nn.Module, cfg: TrainConfig) -> None:
+def init_from_dense(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
     """Overwrite the materialised model with `cfg.model.init_from`'s weights (ioe_train.upcycle).
 
     Every rank reads the dense checkpoint on CPU and builds one full tensor at a time, keeping its
@@ -90,7 +90,11 @@ def init_from_dense(model: nn.Module, cfg: TrainConfig) -> None:
     with torch.device("meta"):
         shapes = build_model(cfg.model)
     dense = load_dense(cfg.model.init_from)
-    copy_full_tensors(model, upcycle(dense, shapes, cfg.model.init_noise, cfg.seed, cfg.model.init_from))
+    # "exact" with hidden slices: torch.topk's tie-break on this device, for the tokens of one
+    # micro-batch, decides which experts get the slices.
+    tensors = upcycle(dense, shapes, cfg.model.upcycle, cfg.model.init_noise, cfg.seed, cfg.model.init_from,
+                      device, cfg.micro_batch_size * cfg.data.seq_len)  # fmt: skip
+    copy_full_tensors(model, tensors)
 
 
 def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, device: torch.device,
@@ -190,7 +194,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
                           "there would delete its own new checkpoints among the old ones. Use a new "
                           "output_dir, or checkpoint.resume=true")  # fmt: skip
     if cfg.model.init_from and not done:  # a resumed run restores its own weights instead
-        init_from_dense(model, cfg)
+        init_from_dense(model, cfg, device)
     if done:
         state, data_state = ckpt.load(done[-1], model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -206,6 +210,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
              f"per token; {world_size} ranks on {device.type}; "
              + (f"resumed at step {step}" if step else "starting")
              + (f" from {cfg.model.init_from}" if cfg.model.init_from and not step else ""))  # fmt: skip
+    if cfg.model.init_from and not step and cfg.model.is_moe and (warning := upcycle_check(cfg.model)):
+        log.line(f"warning: {warning}")
     eval_set = None
     if cfg.eval.interval:
         eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size, val_packing, out / "data_index")

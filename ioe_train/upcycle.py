@@ -8,10 +8,21 @@ random. Sources, neither able to run code:
 - a Hugging Face Qwen2.5 directory (`model.safetensors`, or shards listed in
   `model.safetensors.index.json`), its names mapped to ours by role.
 
-H dense hidden dim, H_e expert hidden dim, D model dim, E experts. Experts as wide as the dense
-MLP (H_e = H) are whole copies; narrower ones (H = n * H_e) take hidden slice e mod n, so the n
-distinct slices sum to the dense MLP (SwiGLU is a sum over hidden units). Routers, IoE priors and
-shared experts keep their fresh initialisation; a dense target is a plain warm start.
+H dense hidden dim, H_e expert hidden dim, n = H / H_e hidden slices, D model dim, E experts,
+K experts per token. `model.upcycle` says what the experts become and what the MoE keeps of the
+dense function (`upcycle_check`):
+- "copies": every expert a whole copy (H_e = H). A top-k router with renormalised weights (they
+  sum to 1) or an IoE merge (of identical experts) then computes the dense MLP exactly.
+- "slices": expert e holds hidden slice e mod n; the n distinct slices sum to the dense MLP
+  (SwiGLU is a sum over hidden units), but top-K sums K of them with weights summing to 1, and
+  IoE merges their parameters: neither is the dense MLP.
+- "exact": whole copies where they are exact; for top-k with n = K also slices, with each
+  expert's down projection scaled by K and a zero gate: every token then picks the same K
+  experts (torch.topk's tie-break on this device, `zero_gate_choice`), which hold the K distinct
+  slices, with weights 1/K each: K * sum_k (1/K) slice_k = the dense MLP. Refused where no
+  layout is exact.
+Routers (except exact's zero gate), IoE priors and shared experts keep their fresh
+initialisation; a dense target is a plain warm start.
 """
 
 from __future__ import annotations
@@ -20,11 +31,16 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ioe_train.config import ConfigError
+from ioe_train.moe.router import ROUTERS, IoERouter, TopKRouter
+
+if TYPE_CHECKING:
+    from ioe_train.model import ModelConfig
 
 # Hugging Face Qwen2 parameter names -> ours (torchtune's names).
 _HF_ROLES = [
@@ -39,6 +55,7 @@ _HF_ROLES = [
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.scale"),
 ]
 _EXPERTS = re.compile(r"^(layers\.\d+\.mlp\.)experts\.(w_gate_up|w_down)$")
+_GATE = re.compile(r"^layers\.\d+\.mlp\.router\.gate\.weight$")  # zeroed by "exact" with n > 1
 # Kept from the target's own initialisation: nothing dense corresponds to them.
 _FRESH = re.compile(r"^layers\.\d+\.mlp\.(router|shared_expert)\.")
 
@@ -102,17 +119,74 @@ def hf_to_ours(hf: dict[str, Tensor], source: str = "checkpoint") -> dict[str, T
     return out
 
 
-def upcycle(dense: dict[str, Tensor], target: nn.Module, noise: float = 0.0, seed: int = 0,
-            source: str = "checkpoint") -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+def upcycle_check(cfg: ModelConfig) -> str | None:
+    """What `cfg.upcycle` keeps of the dense function for this MoE model (see the module doc).
+
+    Raises ConfigError naming model.upcycle where the mode cannot do what it says; returns the
+    warning line for a mode that does not keep the dense function, None for one that does.
+    """
+    moe, hidden = cfg.moe, cfg.arch().hidden_dim
+    router = ROUTERS[moe.router]
+    h_e = moe.expert_hidden_dim or hidden // router.active_experts(moe)
+    if hidden % h_e:
+        raise ConfigError(f"model.upcycle: the dense hidden size {hidden} is not a multiple of the experts' {h_e}")
+    n, k = hidden // h_e, moe.top_k
+    if cfg.upcycle == "copies" and n > 1:
+        raise ConfigError(f"model.upcycle: 'copies' needs model.moe.expert_hidden_dim = the dense hidden size "
+                          f"{hidden}, got {h_e}; narrower experts take 'slices' or 'exact'")  # fmt: skip
+    lost = []  # why the upcycled MoE does not compute the dense function at init
+    if moe.shared_expert_hidden_dim:
+        lost.append("the fresh shared expert adds its output")
+    if cfg.init_noise:
+        lost.append(f"init_noise {cfg.init_noise} perturbs every expert")
+    if issubclass(router, TopKRouter) and k == 1:
+        lost.append("top-1 weighs its expert by its softmax probability (< 1), not 1")
+    elif issubclass(router, TopKRouter) and not moe.renormalize:
+        lost.append(f"the top-{k} softmax weights do not sum to 1 (renormalize: false)")
+    if n > 1 and issubclass(router, IoERouter):
+        lost.append(f"IoE merges the {n} hidden slices' parameters, and a SwiGLU is not linear in its weights "
+                    "(exact needs whole copies: expert_hidden_dim = the dense hidden size)")  # fmt: skip
+    elif n > 1 and not (cfg.upcycle == "exact" and n == k):
+        lost.append(f"a token sums {k} of the {n} hidden slices with weights summing to 1, not all {n} with weight 1"
+                    + ("" if cfg.upcycle == "slices" else f" (exact needs n = {hidden} / {h_e} = top_k or 1)"))
+    if not lost:
+        return None
+    if cfg.upcycle == "exact":
+        raise ConfigError(f"model.upcycle: 'exact' is impossible here: {'; '.join(lost)}")
+    return f"model.upcycle={cfg.upcycle} does not keep the dense function at init: {'; '.join(lost)}"
+
+
+def zero_gate_choice(num_experts: int, top_k: int, tokens: int, device: torch.device) -> list[int]:
+    """The K experts, ascending, a top-K router with a zero gate picks for each of `tokens` tokens.
+
+    All E probabilities are then 1/E and torch.topk's tie-break decides, which torch does not
+    specify (the CPU picks 5 and 6 of 8 for top-2): `upcycle` gives these K experts the K slices.
+    Raises ConfigError if the tokens' choices differ.
+    """
+    logits = torch.zeros(tokens, num_experts, device=device)  # [T, E]: F.linear(x, zero gate)
+    picks = logits.softmax(dim=-1).topk(top_k, dim=-1).indices.sort(dim=-1).values  # [T, K]
+    if not torch.equal(picks, picks[:1].expand_as(picks)):
+        raise ConfigError(f"model.upcycle: 'exact' needs every token to pick the same experts at a zero gate; "
+                          f"torch.topk on {device} breaks the ties differently across tokens")  # fmt: skip
+    return picks[0].tolist()
+
+
+def upcycle(dense: dict[str, Tensor], target: nn.Module, mode: str = "exact", noise: float = 0.0, seed: int = 0,
+            source: str = "checkpoint", device: torch.device = torch.device("cpu"),
+            tokens: int = 1024) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
     """Full tensors for `target`'s parameters that come from `dense`, one at a time (name, tensor).
 
     `target` only supplies names and shapes (a meta-device model is enough). Every mismatch is
     checked before the first tensor is yielded: one ConfigError names the missing, unexpected
-    and wrongly shaped keys. noise > 0 adds noise * std(W) * N(0, 1) to each expert's copy of W
-    (drawn from `seed`: every rank makes the same tensors).
+    and wrongly shaped keys. `mode` is `model.upcycle` (checked against the router by
+    `upcycle_check`); "exact" with n > 1 slices gives them to the n experts that a zero gate
+    picks for `tokens` tokens on `device`, the training device (`zero_gate_choice`). noise > 0
+    adds noise * std(W) * N(0, 1) to each expert's copy of W (drawn from `seed`: every rank makes
+    the same tensors).
     """
     shapes = {name: p.shape for name, p in target.named_parameters()}
     used, missing, wrong = set(), [], []
+    slices = 1
     for name, shape in shapes.items():
         if _FRESH.match(name):
             continue
@@ -120,10 +194,11 @@ def upcycle(dense: dict[str, Tensor], target: nn.Module, noise: float = 0.0, see
             keys = [f"{m.group(1)}{w}.weight" for w in ("w1", "w3", "w2")]  # gate, up, down
             missing += [k for k in keys if k not in dense and k not in missing]
             used.update(k for k in keys if k in dense)
-            if all(k in dense for k in keys) and (
-                problem := _expert_problem(*(dense[k] for k in keys), m.group(2), shape)
-            ):
-                wrong.append(f"{name} {tuple(shape)}: {problem}")
+            if all(k in dense for k in keys):
+                if problem := _expert_problem(*(dense[k] for k in keys), m.group(2), shape):
+                    wrong.append(f"{name} {tuple(shape)}: {problem}")
+                else:  # n = H / H_e
+                    slices = dense[keys[0]].shape[0] // (shape[2] // 2 if m.group(2) == "w_gate_up" else shape[1])
         elif name not in dense:
             missing.append(name)
         else:
@@ -135,7 +210,14 @@ def upcycle(dense: dict[str, Tensor], target: nn.Module, noise: float = 0.0, see
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape:", wrong)) if keys]  # fmt: skip
     if problems:
         raise ConfigError(f"model.init_from: {source} does not fit the model: " + "; ".join(problems))
-    return _tensors(dense, shapes, noise, seed)
+    if slices > 1 and mode == "copies":
+        raise ConfigError(f"model.upcycle: 'copies' needs experts as wide as the dense MLP; {source}'s is "
+                          f"{slices}x theirs")  # fmt: skip
+    selected = []
+    if mode == "exact" and slices > 1:  # upcycle_check: a top-k router with K = n
+        num_experts = next(shape[0] for name, shape in shapes.items() if _EXPERTS.match(name))
+        selected = zero_gate_choice(num_experts, slices, tokens, device)
+    return _tensors(dense, shapes, noise, seed, selected)
 
 
 def _expert_problem(gate: Tensor, up: Tensor, down: Tensor, kind: str, shape: torch.Size) -> str | None:
@@ -150,10 +232,25 @@ def _expert_problem(gate: Tensor, up: Tensor, down: Tensor, kind: str, shape: to
     return None
 
 
-def _tensors(dense: dict[str, Tensor], shapes: dict[str, torch.Size], noise: float,
-             seed: int) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+def _slice_of_expert(num_experts: int, n: int, selected: list[int]) -> list[int]:
+    """Hidden slice of each expert: selected[k] holds slice k, the others slices 0..n-1 in turn
+    (e mod n when nothing is selected)."""
+    order = selected + [e for e in range(num_experts) if e not in selected]
+    slice_of = [0] * num_experts
+    for i, e in enumerate(order):
+        slice_of[e] = i % n
+    return slice_of
+
+
+def _tensors(dense: dict[str, Tensor], shapes: dict[str, torch.Size], noise: float, seed: int,
+             selected: list[int]) -> Iterator[tuple[str, Tensor]]:  # fmt: skip
+    """selected: non-empty for "exact" with n > 1 slices; its experts hold the n slices, every
+    expert's down projection is scaled by n and the routers' gates are zero."""
     gen = torch.Generator().manual_seed(seed)
     for name, shape in shapes.items():
+        if selected and _GATE.match(name):
+            yield name, torch.zeros(shape)  # all probs 1/E: every token picks `selected`, weights 1/n
+            continue
         if _FRESH.match(name):
             continue
         m = _EXPERTS.match(name)
@@ -165,12 +262,12 @@ def _tensors(dense: dict[str, Tensor], shapes: dict[str, torch.Size], noise: flo
         h_e = shape[2] // 2 if m.group(2) == "w_gate_up" else shape[1]
         n = gate.shape[0] // h_e  # distinct hidden slices
         experts = []
-        for e in range(num_experts):
-            s = slice((e % n) * h_e, (e % n + 1) * h_e)
+        for i in _slice_of_expert(num_experts, n, selected):
+            s = slice(i * h_e, (i + 1) * h_e)
             if m.group(2) == "w_gate_up":
                 w = torch.cat([gate[s].T, up[s].T], dim=1)  # [D, 2H_e]: gate | up, as swiglu splits it
             else:
-                w = down[:, s].T  # [H_e, D]
+                w = down[:, s].T * (n if selected else 1)  # [H_e, D]; n * (1/n weights) = slice sum
             if noise:
                 w = w + noise * w.std() * torch.randn(w.shape, generator=gen)
             experts.append(w)

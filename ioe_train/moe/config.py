@@ -8,6 +8,7 @@ from ioe_train.moe.router import ROUTERS
 
 EXPERT_PATHS = ("auto", "grouped", "loop")
 AUX_LOSS_SCOPES = ("microbatch", "global")
+IOE_EXPERT_INITS = ("sqrt_e", "unit", "identical")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class MoEConfig:
     # ioe: route each document's first segment by the learned prior, not by the previous
     # document's tail (needs model.eos_id to mark document ends; docs/MOE.md).
     ioe_document_reset: bool = False
+    # ioe: the experts' init, s the model's init std: "sqrt_e" = std s * sqrt(E), the uniform
+    # merge at init at the dense MLP's scale; "unit" = std s, the merge's output E^-1.5 smaller;
+    # "identical" = all E experts one N(0, s^2) draw, any merge equals it at init (docs/MOE.md).
+    ioe_expert_init: str = "sqrt_e"
     # topk_bias: change of each expert's selection bias per optimizer step, towards balance
     # (DeepSeek-V3's gamma = 0.001; the bias acts on softmax probs, which lie in [0, 1]).
     bias_update_rate: float = 1e-3
@@ -68,3 +73,8 @@ class MoEConfig:
             raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.ioe_document_reset and self.router != "ioe":
             raise ValueError(f"ioe_document_reset applies to router 'ioe' only, got router {self.router!r}")
+        if self.ioe_expert_init not in IOE_EXPERT_INITS:
+            raise ValueError(f"ioe_expert_init must be one of {IOE_EXPERT_INITS}, got {self.ioe_expert_init!r}")
+        if self.ioe_expert_init != "sqrt_e" and self.router != "ioe":
+            raise ValueError(f"ioe_expert_init applies to router 'ioe' only (leave it 'sqrt_e'), "
+                             f"got {self.ioe_expert_init!r} with router {self.router!r}")  # fmt: skip

@@ -79,17 +79,23 @@ class Experts(nn.Module):
     """E SwiGLU FFNs, out = (silu(x Wg_e) * (x Wu_e)) Wd_e, with [Wg_e | Wu_e] fused."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, path: str = "auto",
-                 init_scale: float = 1.0) -> None:  # fmt: skip
+                 init_scale: float = 1.0, identical: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.num_experts = num_experts
         self.path = path  # "auto" | "grouped" | "loop"
         self.init_scale = init_scale  # init std = std * init_scale (the router's rule: Router.expert_init_scale)
+        self.identical = identical  # init: every expert a copy of expert 0's draw (MoEConfig.ioe_expert_init)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))  # [E, D, 2H]
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # [E, H, D]
 
     def init_params(self, std: float) -> None:
-        nn.init.normal_(self.w_gate_up, std=std * self.init_scale)
-        nn.init.normal_(self.w_down, std=std * self.init_scale)
+        for w in (self.w_gate_up, self.w_down):
+            nn.init.normal_(w, std=std * self.init_scale)
+            if self.identical:
+                # Copied from the parameter itself, not from a fresh [D, 2H] draw: a sharded
+                # parameter (FSDP, possibly along D or H) then still holds one expert on all ranks.
+                with torch.no_grad():
+                    w.copy_(w[:1].clone().expand_as(w))
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """Run rows sorted by expert through their experts.

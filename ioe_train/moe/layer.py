@@ -40,7 +40,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         router = ROUTERS[cfg.router]
         self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden_dim, path=cfg.grouped_mm,
-                               init_scale=router.expert_init_scale(cfg))  # fmt: skip
+                               init_scale=router.expert_init_scale(cfg),
+                               identical=cfg.ioe_expert_init == "identical")  # fmt: skip
         self.router = router(dim, cfg)
         self.shared_expert = swiglu_mlp(dim, cfg.shared_expert_hidden_dim) if cfg.shared_expert_hidden_dim else None
         # Sums per-expert counts [E] over data-parallel ranks; set by parallelize.py (an all-reduce)

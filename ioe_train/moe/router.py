@@ -142,11 +142,15 @@ class IoERouter(Router):
     against its L * 3DH of matmul. Memory: `ioe_merge_chunk` merged experts at a time, none kept
     for backward (Experts.merged_swiglu).
 
-    Init: a uniform merge of E independent N(0, s^2) experts has std s / sqrt(E), and a SwiGLU's
-    output scales with the cube of its weights' scale (E^-1.5 = 1/22.6 at E = 8). Experts are
-    therefore initialised with std s * sqrt(E): the merged expert at init is N(0, s^2), the scale
-    of the dense MLP of the same width. (Exact for the uniform merge of init; as routing sharpens
-    towards one expert the merged weights approach that expert's std s * sqrt(E).)
+    Init (`ioe_expert_init`): a uniform merge of E independent N(0, s^2) experts has std
+    s / sqrt(E), and a SwiGLU's output scales with the cube of its weights' scale (E^-1.5 = 1/22.6
+    at E = 8). "sqrt_e" (default) initialises the experts with std s * sqrt(E): the merged expert
+    at init is N(0, s^2), the scale of the dense MLP of the same width. (Exact for the uniform
+    merge of init; as routing sharpens towards one expert the merged weights approach that
+    expert's std s * sqrt(E).) "unit": std s, the merge starts E^-1.5 smaller in output.
+    "identical": every expert is one N(0, s^2) draw, so any merge is that expert at init; the
+    experts separate because each receives sum over segments of g_{s,e} dW_s, and g differs per
+    segment and expert.
 
     With `ioe_document_reset` the model passes doc_start [B, S] (True where a document starts) and
     a segment whose predecessor holds (part of) another document is routed by the prior too: the
@@ -170,7 +174,7 @@ class IoERouter(Router):
 
     @classmethod
     def expert_init_scale(cls, cfg: MoEConfig) -> float:
-        return cfg.num_experts**0.5  # see the class docstring
+        return cfg.num_experts**0.5 if cfg.ioe_expert_init == "sqrt_e" else 1.0  # see the class docstring
 
     @classmethod
     def extra_flops_per_token(cls, cfg: MoEConfig, dim: int, hidden_dim: int) -> float:

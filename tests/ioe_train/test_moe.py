@@ -216,20 +216,47 @@ def test_ioe_keeps_no_merged_expert_for_backward():
     assert sum(saved) < 8 * 3 * D * H  # less than the M merged experts together
 
 
-def test_ioe_starts_at_the_scale_of_a_dense_mlp():
-    # A uniform merge of E experts of std s has std s / sqrt(E); the output of a SwiGLU scales as
-    # its weights cubed. Experts start at std s * sqrt(E), so the merge is at a dense MLP's scale.
+def ioe_and_dense_at_init(ioe_expert_init: str, dim: int = 128, hidden: int = 512, std: float = 0.02):
+    """An E = 8 IoE layer and a dense SwiGLU of the expert width, initialised as init_weights does
+    (the router's gate random, so segments merge with different weights)."""
     torch.manual_seed(0)
-    dim, hidden, std = 128, 512, 0.02
-    moe = MoE(dim, MoEConfig(router="ioe", num_experts=8, expert_hidden_dim=hidden, ioe_segment_len=16))
-    dense = swiglu_mlp(dim, hidden)
+    cfg = MoEConfig(router="ioe", num_experts=8, expert_hidden_dim=hidden, ioe_segment_len=16,
+                    ioe_expert_init=ioe_expert_init)  # fmt: skip
+    moe, dense = MoE(dim, cfg), swiglu_mlp(dim, hidden)
     for module in (moe.experts, moe.router):
         module.init_params(std)
     for p in (*dense.parameters(), moe.router.gate.weight):
         torch.nn.init.normal_(p, std=std)
-    x = torch.randn(4, 64, dim)
-    ratio = moe(x)[0].std() / dense(x).std()
-    assert 0.7 < ratio < 1.4, ratio  # at init scale 1 it would be 8^-1.5 = 0.044
+    return moe, dense
+
+
+@pytest.mark.parametrize("ioe_expert_init,expert_std", [("sqrt_e", 0.02 * 8**0.5), ("unit", 0.02), ("identical", 0.02)])
+def test_ioe_expert_init_sets_the_experts_std(ioe_expert_init, expert_std):
+    experts = ioe_and_dense_at_init(ioe_expert_init)[0].experts
+    for w in (experts.w_gate_up, experts.w_down):
+        assert w.std().item() == pytest.approx(expert_std, rel=0.03)
+        copies = [torch.equal(w[e], w[0]) for e in range(1, 8)]
+        assert all(copies) if ioe_expert_init == "identical" else not any(copies)
+
+
+# Output std of the merged expert / a dense MLP's: a SwiGLU's output scales as its weights cubed,
+# and a uniform merge of E independent experts of std s has std s / sqrt(E).
+@pytest.mark.parametrize(
+    "ioe_expert_init,low,high", [("sqrt_e", 0.7, 1.4), ("unit", 0.03, 0.06), ("identical", 0.7, 1.4)]
+)
+def test_ioe_expert_init_sets_the_merged_expert_scale(ioe_expert_init, low, high):
+    moe, dense = ioe_and_dense_at_init(ioe_expert_init)
+    x = torch.randn(4, 64, 128)
+    ratio = (moe(x)[0].std() / dense(x).std()).item()
+    assert low < ratio < high, ratio  # unit: 8^-1.5 = 0.044
+
+
+def test_ioe_identical_experts_merge_to_expert_zero_whatever_the_weights():
+    moe, _ = ioe_and_dense_at_init("identical")
+    x = torch.randn(4, 64, 128)
+    w_gu, w_d = moe.experts.w_gate_up[0], moe.experts.w_down[0]
+    gate, up = (x @ w_gu).chunk(2, dim=-1)
+    torch.testing.assert_close(moe(x)[0], (F.silu(gate) * up) @ w_d, rtol=1e-5, atol=1e-7)
 
 
 def test_ioe_document_reset_routes_by_the_prior_after_a_boundary():
@@ -332,11 +359,26 @@ def test_auto_path_compiles_in_fp32():
         ("ioe_segment_len", 0),
         ("ioe_merge_chunk", 0),
         ("z_loss_coef", -1.0),
+        ("ioe_expert_init", "zero"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MoEConfig(**{field: value})
+
+
+def test_ioe_identical_experts_separate_through_their_gradients():
+    # Expert e receives sum_s g_se dW_s: the merge weights g differ per segment, so do the gradients.
+    moe, _ = ioe_and_dense_at_init("identical")
+    moe(torch.randn(2, 64, 128))[0].square().sum().backward()  # 4 segments per sequence
+    grad = moe.experts.w_gate_up.grad
+    assert all((grad[e] - grad[0]).norm() > 1e-3 * grad[0].norm() for e in range(1, 8))
+
+
+def test_ioe_expert_init_is_refused_for_other_routers():
+    with pytest.raises(ValueError, match=r"^ioe_expert_init applies to router 'ioe' only"):
+        MoEConfig(router="topk", ioe_expert_init="identical")
+    MoEConfig(router="ioe", ioe_expert_init="identical")
 
 
 def test_top1_gate_learns_from_the_output():

@@ -198,6 +198,29 @@ def _sharded_init_equals_one_process(rank, world):
     assert not torch.equal(w[0], w[w.shape[0] // 2])
 
 
+def _identical_ioe_experts_on_both_init_paths(rank, world):
+    cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0", "model.moe.router=ioe",
+                               "model.moe.num_experts=4", "model.moe.ioe_expert_init=identical"])  # fmt: skip
+    for cpu_path in (True, False):  # materialize's full copy on CPU; init_weights on the shards (CUDA's path)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+        if cpu_path:
+            train_mod.materialize(model, cfg, torch.device("cpu"))
+        else:
+            model.to_empty(device=torch.device("cpu"))
+            torch.manual_seed(cfg.seed)
+            init_weights(model)
+        for experts in (m for m in model.modules() if isinstance(m, Experts)):
+            for w in (experts.w_gate_up.full_tensor(), experts.w_down.full_tensor()):  # 2 experts per rank
+                assert all(torch.equal(w[e], w[0]) for e in range(4)), (cpu_path, rank)
+                assert w.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_identical_ioe_experts_when_sharded():
+    run_distributed(_identical_ioe_experts_on_both_init_paths)
+
+
 def _mixture_built_by_local_rank_zero(rank, world, train_dir, out):
     import ioe_train.data as data_mod
 
