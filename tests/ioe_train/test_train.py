@@ -221,24 +221,33 @@ def test_identical_ioe_experts_when_sharded():
     run_distributed(_identical_ioe_experts_on_both_init_paths)
 
 
-def _mixture_built_by_local_rank_zero(rank, world, train_dir, out):
+def _indexes_built_by_local_rank_zero(rank, world, train_dir, val_dir, out):
     import ioe_train.data as data_mod
+    import ioe_train.packing as packing_mod
 
-    real, calls = data_mod.mixture_copies, []
+    calls = []
 
-    def counted(*args, **kwargs):
-        calls.append(rank)
-        time.sleep(0.5)  # a slow build: a rank that does not wait for it would build its own
-        return real(*args, **kwargs)
+    def counted(module, name):
+        real = getattr(module, name)
 
-    data_mod.mixture_copies = counted
-    cfg = load_config(CONFIG, small(train_dir, out, "steps=1", "data.mixture={ArXiv: 2.0}"))
+        def slow(*args, **kwargs):
+            calls.append((name, rank))
+            time.sleep(0.5)  # a slow build: a rank that does not wait for it would build its own
+            return real(*args, **kwargs)
+
+        setattr(module, name, slow)
+
+    counted(data_mod, "mixture_copies")
+    counted(packing_mod, "document_order")
+    cfg = load_config(CONFIG, small(train_dir, out, "steps=1", "data.mixture={ArXiv: 2.0}", "data.packing=by_source",
+                                    f"data.val_dirs=[{val_dir}]", "eval.interval=1"))  # fmt: skip
     train_mod.train(cfg, rank, world, local_rank=rank)
-    assert calls == ([0] if rank == 0 else []), calls
+    # Training and validation orders, and the mixture: each built once, by local rank 0.
+    assert sorted(calls) == ([("document_order", 0)] * 2 + [("mixture_copies", 0)] if rank == 0 else []), calls
 
 
-def test_mixture_index_is_built_once_per_node(shards, tmp_path):
-    run_distributed(_mixture_built_by_local_rank_zero, str(shards[0]), str(tmp_path / "run"))
+def test_packing_and_mixture_indexes_are_built_once_per_node(shards, tmp_path):
+    run_distributed(_indexes_built_by_local_rank_zero, str(shards[0]), str(shards[1]), str(tmp_path / "run"))
 
 
 def test_sharded_cpu_init_equals_one_process_init():
