@@ -104,13 +104,17 @@ def export_cmd(run_dir, output, step, fmt, dtype) -> None:
               help="Also write compare.md, compare.json and val_loss.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 @click.option("--allow-mismatch", is_flag=True, help="Compare runs whose data or tokenizer differ.")
-def compare_cmd(run_dirs, out, as_json, allow_mismatch) -> None:
-    """Runs side by side at equal tokens: budgets, val loss (per source), speed, expert balance."""
+@click.option("--baseline", default=None, help="The arm the others are compared to [default: the first].")
+def compare_cmd(run_dirs, out, as_json, allow_mismatch, baseline) -> None:
+    """Arms of seeds side by side at equal tokens: budgets, val loss mean ± sd (per source), paired
+    differences to the baseline with 95% intervals, speed, expert balance.
+
+    A RUN_DIR of `launch --seeds` runs stands for its seed_N runs."""
     from ioe_train.compare import write_comparison
     from ioe_train.runs import RunError
 
     try:
-        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json), nl=False)
+        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json, baseline), nl=False)
     except RunError as e:
         raise click.ClickException(str(e)) from None
 

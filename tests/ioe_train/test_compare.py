@@ -55,8 +55,9 @@ def two_runs(tmp_path, domain_shards) -> tuple[Path, Path]:
 
 def test_runs_are_compared_at_the_smallest_tokens_seen(two_runs, tmp_path):
     dense, moe = two_runs
-    equal, (d, m) = compare_runs([dense, moe])
-    assert equal == 2048  # dense stopped there; the MoE's later records do not count
+    report = compare_runs([dense, moe])
+    d, m = report.runs
+    assert report.equal_tokens == 2048  # dense stopped there; the MoE's later records do not count
     assert (d.router, m.router) == ("dense", "topk (2 of 16)")
     assert (d.tokens_seen, m.tokens_seen) == (2048, 4096)
     assert (m.val_loss, m.val_tokens, m.best_val_loss) == (2.6, 2048, 2.6)
@@ -69,7 +70,8 @@ def test_runs_are_compared_at_the_smallest_tokens_seen(two_runs, tmp_path):
 
     out = tmp_path / "report"
     md = write_comparison([dense, moe], out)
-    assert "At 2,048 training tokens" in md and "| proxy_topk | topk (2 of 16) |" in md
+    assert "At 2,048 training tokens" in md and "| proxy_topk | topk (2 of 16) | 1 | 0 |" in md
+    assert "| proxy_topk | 0 | +0.1000 | – | – | one seed: no interval | – | – |" in md
     assert "| domain_01 | 2.4000 / 2.4000 | 2.5000 / 2.5000 |" in md
     assert json.loads((out / "compare.json").read_text())["runs"][1]["best_val_loss"] == 2.6
     assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,8 +98,11 @@ def test_runs_on_other_data_are_refused_unless_allowed(two_runs, tmp_path, domai
     other = fake_run(tmp_path / "x", "proxy_ioe.yaml", train, train, evals((1024, 3.0)))  # val = train
     with pytest.raises(RunError, match=r"proxy_ioe: its val data differs from .*proxy_dense's"):
         compare_runs([dense, other])
-    equal, runs = compare_runs([dense, moe, other], allow_mismatch=True)
-    assert equal == 1024 and runs[2].router == "ioe (16, L 16)"
+    report = compare_runs([dense, moe, other], allow_mismatch=True)
+    assert report.equal_tokens == 1024 and report.runs[2].router == "ioe (16, L 16)"
+    assert report.protocol_differences == {"val data": {"proxy_dense": report.runs[0].fingerprints["val"],
+                                                        "proxy_topk": report.runs[0].fingerprints["val"],
+                                                        "proxy_ioe": report.runs[2].fingerprints["val"]}}
     result = CliRunner().invoke(ioe_train, ["compare", str(dense), str(other)])
     assert result.exit_code == 1 and "Error: " in result.output and "--allow-mismatch" in result.output
 
