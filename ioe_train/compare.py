@@ -135,7 +135,7 @@ def protocol(cfg: TrainConfig, fingerprints: dict[str, str]) -> dict[str, str]:
         "eval.per_document": str(cfg.eval.per_document).lower(),
         "data.seq_len": str(cfg.data.seq_len),
         "eval.max_batches": str(cfg.eval.max_batches),
-        "val data": fingerprints.get("val") or ",".join(cfg.data.val_dirs) or "none",
+        "val data": fingerprints.get("val", "")[:19] or ",".join(cfg.data.val_dirs) or "none",  # sha256:+12 hex
     }
 
 
@@ -371,10 +371,11 @@ def markdown(report: Report) -> str:
             lines.append(f"| {c.arm} | {', '.join(c.seeds) or '–'} | {_fmt(c.diff_mean, '+.4f')} "
                          f"| {_fmt(c.diff_sd, '.4f')} | {interval} | {c.verdict} | {', '.join(c.unpaired) or '–'} "
                          f"| {changed or '–'} |")  # fmt: skip
-    lines += ["", "| run | seed | tokens seen | val loss | best val† | tokens/s | max load share | router entropy |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    arm_of = {path: a.name for a in arms for path in a.runs}
+    lines += ["", "| run | arm | seed | tokens seen | val loss | best val† | tokens/s | max load share | router entropy |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
-        lines.append(f"| {r.name} | {r.seed} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
+        lines.append(f"| {r.name} | {arm_of[r.path]} | {r.seed} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
                      f"| {_fmt(r.best_val_loss, '.4f')} | {_fmt(r.tokens_per_s, ',.0f')} "
                      f"| {_fmt(r.max_load_share, '.3f')} | {_fmt(r.router_entropy, '.3f')} |")  # fmt: skip
     sources = sorted({s for a in arms for s in a.val_by_source})
