@@ -121,8 +121,11 @@ def router_label(cfg: TrainConfig) -> str:
         label = f"ioe ({moe.num_experts}, L {moe.ioe_segment_len}{', doc reset' if moe.ioe_document_reset else ''})"
     else:
         label = f"{moe.router} ({moe.num_experts})"
-    extras = [cfg.data.packing] * (cfg.data.packing != "stream") + [cfg.model.attention] * (cfg.model.attention != "causal")
-    return " · ".join([label, *extras])
+    if cfg.data.packing != "stream":
+        label += f" · {cfg.data.packing}"
+    if cfg.model.attention != "causal":
+        label += f" · {cfg.model.attention}"
+    return label
 
 
 def protocol(cfg: TrainConfig, fingerprints: dict[str, str]) -> dict[str, str]:
@@ -190,8 +193,9 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _source_means(per_run: list[dict[str, float]]) -> dict[str, float]:
+    """source -> mean over the runs that have it."""
     sources = sorted({s for losses in per_run for s in losses})
-    return {s: sum(v := [losses[s] for losses in per_run if s in losses]) / len(v) for s in sources}
+    return {s: _mean([losses.get(s) for losses in per_run]) for s in sources}
 
 
 def make_arm(name: str, runs: list[RunSummary], protocol_: dict[str, str]) -> Arm:
@@ -255,10 +259,11 @@ def _arm_name(runs: list[RunSummary], taken: set[str]) -> str:
     """The parent directory of its seed_N runs, else its first run's name; "#2", "#3"... if taken."""
     paths = [Path(r.path).resolve() for r in runs]
     seeded = all(SEED_DIR.fullmatch(p.name) for p in paths) and len({p.parent for p in paths}) == 1
-    name = first = paths[0].parent.name if seeded else paths[0].name
-    while name in taken:
-        name = f"{first}#{int(name.rpartition('#')[2]) + 1 if name != first else 2}"
-    return name
+    name = paths[0].parent.name if seeded else paths[0].name
+    k = 1
+    while (f"{name}#{k}" if k > 1 else name) in taken:
+        k += 1
+    return f"{name}#{k}" if k > 1 else name
 
 
 def compare_runs(run_dirs: list[Path], allow_mismatch: bool = False, baseline: str | None = None) -> Report:
@@ -351,7 +356,8 @@ def markdown(report: Report) -> str:
     else:
         lines.append("Protocol differences: none (" + ", ".join(arms[0].protocol) + " are equal).")
     lines += ["", "| arm | router | n | seeds | params (total / active) | FLOPs/token | val loss | best val† "
-              "| tokens/s | max load share | router entropy |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| tokens/s | max load share | router entropy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for a in arms:
         b = a.budget
         lines.append(
@@ -372,8 +378,8 @@ def markdown(report: Report) -> str:
                          f"| {_fmt(c.diff_sd, '.4f')} | {interval} | {c.verdict} | {', '.join(c.unpaired) or '–'} "
                          f"| {changed or '–'} |")  # fmt: skip
     arm_of = {path: a.name for a in arms for path in a.runs}
-    lines += ["", "| run | arm | seed | tokens seen | val loss | best val† | tokens/s | max load share | router entropy |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| run | arm | seed | tokens seen | val loss | best val† | tokens/s | max load share "
+              "| router entropy |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         lines.append(f"| {r.name} | {arm_of[r.path]} | {r.seed} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
                      f"| {_fmt(r.best_val_loss, '.4f')} | {_fmt(r.tokens_per_s, ',.0f')} "

@@ -25,16 +25,16 @@ def t_central(t: float, dof: int) -> float:
     """P(|T| <= t) for Student's t with `dof` >= 1 degrees of freedom, t >= 0 (A&S 26.7.3-4)."""
     theta = math.atan(t / math.sqrt(dof))
     c2 = math.cos(theta) ** 2
-    # The series in cos^2(theta): odd dof: 1, 2/3, 2*4/(3*5), ...; even dof: 1, 1/2, 1*3/(2*4), ...
-    term, total = 1.0, 1.0
-    for k in range(1, (dof - 1) // 2 if dof % 2 else dof // 2):
-        term *= c2 * (2 * k if dof % 2 else 2 * k - 1) / (2 * k + 1 if dof % 2 else 2 * k)
+    odd = dof % 2 == 1
+    # A series in cos^2(theta) of (dof - 1) // 2 terms (odd dof: 1, 2/3, 2*4/(3*5), ...) or dof // 2
+    # terms (even dof: 1, 1/2, 1*3/(2*4), ...).
+    term = total = 1.0
+    for k in range(1, (dof - 1) // 2 if odd else dof // 2):
+        term *= c2 * ((2 * k) / (2 * k + 1) if odd else (2 * k - 1) / (2 * k))
         total += term
-    if dof % 2 == 0:
+    if not odd:
         return math.sin(theta) * total
-    if dof == 1:
-        return 2 * theta / math.pi
-    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if dof > 1 else 0.0))
 
 
 def t_quantile(p: float, dof: int) -> float:
