@@ -11,12 +11,19 @@ import click
 
 from ioe_train.config import PACKINGS, ConfigError, load_config
 from ioe_train.devices import BY_KEY
-from ioe_train.launch import LaunchOptions, launch
+from ioe_train.launch import LaunchOptions, launch, parse_seeds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Pretrain Qwen2.5-MoE models on pile-prep shards with FSDP2."""
+
+
+def _seeds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int]:
+    try:
+        return parse_seeds(value) if value is not None else []
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @main.command("launch")
@@ -27,10 +34,13 @@ def main() -> None:
 @click.option("--nnodes", default="1", show_default=True, help="Nodes, or MIN:MAX.")
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node).")
 @click.option("--rdzv-id", default="ioe-train", show_default=True, help="Job id, equal on all nodes.")
-@click.option("--dry-run", is_flag=True, help="Print the torchrun command and the resolved config.")
-def launch_cmd(config, overrides, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, dry_run) -> None:
+@click.option("--seeds", default=None, callback=_seeds,
+              help="Run once per seed, in turn, in OUTPUT_DIR/seed_N (seed=N data.seed=N): 0,1,2 or 0-2.")
+@click.option("--dry-run", is_flag=True, help="Print the torchrun command and the resolved config "
+              "(with --seeds: each seed's command).")  # fmt: skip
+def launch_cmd(config, overrides, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, seeds, dry_run) -> None:
     """Train CONFIG (YAML) with a.b=value OVERRIDES under torchrun."""
-    opts = LaunchOptions(config, list(overrides), nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, dry_run)
+    opts = LaunchOptions(config, list(overrides), nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, dry_run, seeds)
     try:
         code = launch(opts)
     except ConfigError as e:
@@ -94,13 +104,17 @@ def export_cmd(run_dir, output, step, fmt, dtype) -> None:
               help="Also write compare.md, compare.json and val_loss.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 @click.option("--allow-mismatch", is_flag=True, help="Compare runs whose data or tokenizer differ.")
-def compare_cmd(run_dirs, out, as_json, allow_mismatch) -> None:
-    """Runs side by side at equal tokens: budgets, val loss (per source), speed, expert balance."""
+@click.option("--baseline", default=None, help="The arm the others are compared to [default: the first].")
+def compare_cmd(run_dirs, out, as_json, allow_mismatch, baseline) -> None:
+    """Arms of seeds side by side at equal tokens: budgets, val loss mean ± sd (per source), paired
+    differences to the baseline with 95% intervals, speed, expert balance.
+
+    A RUN_DIR of `launch --seeds` runs stands for its seed_N runs."""
     from ioe_train.compare import write_comparison
     from ioe_train.runs import RunError
 
     try:
-        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json), nl=False)
+        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json, baseline), nl=False)
     except RunError as e:
         raise click.ClickException(str(e)) from None
 

@@ -10,7 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from ioe_train.cli import main
+from ioe_train.config import load_config
 from ioe_train.launch import _CPU_MALLOC
+from ioe_train.runs import read_metrics
+from tests.ioe_train.conftest import launch_command, run_launch
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
@@ -73,3 +76,45 @@ def test_launch_prints_only_its_own_lines_and_torchruns_banner(tiny_run):
     lines = console.splitlines()
     assert [line for line in lines if not ours.fullmatch(line) and not banner.fullmatch(line)] == []
     assert sum(line.startswith("step ") for line in lines) == 8 + 4  # losses, checkpoints
+
+
+def test_seeds_dry_run_prints_one_command_per_seed_after_checking_once(shards, monkeypatch, tmp_path):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("dry run spawned a process"))
+    out = tmp_path / "arm"
+    args = ["launch", str(CONFIG), *data_overrides(shards), f"output_dir={out}", "--seeds", "0-1,5", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    commands = [shlex.split(line) for line in result.output.splitlines()]
+    assert [c[c.index("ioe_train.train") + 1 :] for c in commands] == [
+        [str(CONFIG), *data_overrides(shards), f"output_dir={out}", f"seed={s}", f"data.seed={s}",
+         f"output_dir={out / f'seed_{s}'}"] for s in (0, 1, 5)]  # fmt: skip
+    for bad, message in ((["--seeds", "2-1"], "'2-1' is not a seed"), (["--seeds", "0,0"], "a seed is repeated"),
+                         (["--seeds", "0,1", "data.seed=3"], "data.seed: set per run by --seeds")):  # fmt: skip
+        result = CliRunner().invoke(main, ["launch", str(CONFIG), *data_overrides(shards), *bad, "--dry-run"])
+        assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_a_failing_seed_stops_the_launch_naming_it(shards, monkeypatch, tmp_path):
+    calls = []
+
+    def call(cmd, env):  # seed 1's run fails: seed 2 must not start
+        calls.append(cmd[-1])
+        return 3 if cmd[-1].endswith("seed_1") else 0
+
+    monkeypatch.setattr(subprocess, "call", call)
+    args = ["launch", str(CONFIG), *data_overrides(shards), f"output_dir={tmp_path}", "--seeds", "0-2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3 and "seed 1 failed (exit code 3)" in result.output
+    assert calls == [f"output_dir={tmp_path / 'seed_0'}", f"output_dir={tmp_path / 'seed_1'}"]
+
+
+def test_seeds_train_one_run_each_and_a_rerun_skips_finished_ones(shards, tmp_path):
+    cmd = launch_command(shards[0], tmp_path / "arm", "steps=2", "--seeds", "0,1")
+    run_launch(cmd, tmp_path / "first.log")
+    configs = [load_config(tmp_path / "arm" / f"seed_{s}" / "config.yaml") for s in (0, 1)]
+    assert [(c.seed, c.data.seed, c.output_dir) for c in configs] == [
+        (s, s, str(tmp_path / "arm" / f"seed_{s}")) for s in (0, 1)]  # fmt: skip
+    first_losses = [[r["loss/total"] for r in read_metrics(Path(c.output_dir)) if "loss/total" in r] for c in configs]
+    assert len(first_losses[0]) == 2 and first_losses[0] != first_losses[1]
+    assert run_launch(cmd, tmp_path / "again.log").splitlines() == [
+        f"seed {s}: finished ({tmp_path / 'arm' / f'seed_{s}'}/final/model.pt is at step 2); skipped" for s in (0, 1)]
