@@ -137,24 +137,46 @@ def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
               help="Shard directory (repeatable: read as one dataset).")
 @click.option("--batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Micro-batches to evaluate; 0: every window.")
+@click.option("--routing", is_flag=True,
+              help="Also routing diagnostics: loss under routing interventions, I(source; experts), entropy, "
+                   "load per layer, train-val gap (docs/MOE.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(run_dir, dirs, batches, as_json) -> None:
+def eval_cmd(run_dir, dirs, batches, routing, as_json) -> None:
     """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU)."""
+    from ioe_train.data import EvalSet
+    from ioe_train.diagnostics import format_routing, routing_diagnostics, train_val_gap
     from ioe_train.evaluate import evaluate_dirs
-    from ioe_train.runs import RunError, load_model, run_tokenizer_fingerprint
+    from ioe_train.runs import RunError, load_model, read_metrics, run_config, run_tokenizer_fingerprint
     from pile_prep.reader import ShardDataset, ShardError
 
     try:
+        if routing and not run_config(run_dir).model.is_moe:
+            click.echo(json.dumps({"run": str(run_dir), "routing": None}) if as_json
+                       else f"{run_dir}: a dense model, no routing to diagnose")  # fmt: skip
+            return
         model, cfg, step = load_model(run_dir)
         ShardDataset(list(dirs), expect_fingerprint=run_tokenizer_fingerprint(cfg))
-        losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len,
-                               cfg.eval.batch_size or cfg.micro_batch_size, batches)  # fmt: skip
+        batch_size = cfg.eval.batch_size or cfg.micro_batch_size
+        diag = gap = None
+        if routing:
+            eval_set = EvalSet([str(d) for d in dirs], cfg.data.seq_len, rank=0, world_size=1)
+            diag = routing_diagnostics(model, eval_set, batch_size, batches)
+            losses = diag.losses
+            gap = train_val_gap(read_metrics(run_dir)) if (Path(run_dir) / "metrics.jsonl").is_file() else None
+        else:
+            losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len, batch_size, batches)
     except (RunError, ShardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps({"run": str(run_dir), "step": step, **losses}, indent=2))
+        report = {"run": str(run_dir), "step": step, **losses}
+        if diag is not None:
+            report["routing"] = {k: v for k, v in asdict(diag).items() if k != "losses"}
+            report["train_val_gap"] = asdict(gap) if gap is not None else None
+        click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{run_dir} (step {step}): val loss {losses['val/loss']:.4f}")
     for key, value in losses.items():
         if key.count("/") == 2:
             click.echo(f"  {key.split('/', 2)[2]:<24} {value:.4f}")
+    if diag is not None:
+        click.echo(format_routing(diag, gap))
