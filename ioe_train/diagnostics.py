@@ -49,7 +49,6 @@ class LayerRouting:
     source_entropy: float  # H(source) over those items, nats
     mutual_information: float  # I(source; expert) over those items, nats
     mi_fraction: float  # mutual_information / source_entropy: 1 = the experts identify the source
-    mi_null: float  # the same estimate with the sources permuted among each batch's items: its bias
 
 
 @dataclass
@@ -138,15 +137,14 @@ class _LayerSums:
 
     def __init__(self, num_sources: int, num_experts: int) -> None:
         self.joint = torch.zeros(num_sources, num_experts, dtype=torch.float64)  # shares by source
-        self.joint_null = torch.zeros(num_sources, num_experts, dtype=torch.float64)  # sources permuted
         self.load = torch.zeros(num_experts, dtype=torch.float64)  # [E] shares of the routed items
         self.items = 0
         self.mi_items = 0
         self.entropy = 0.0  # sums over the routed items
         self.weight_entropy = 0.0
 
-    def add(self, routing: Routing, source_ids: Tensor, gen: torch.Generator) -> None:
-        """One forward's routing of this layer; source_ids [B, S]; gen draws the null permutation."""
+    def add(self, routing: Routing, source_ids: Tensor) -> None:
+        """One forward's routing of this layer; source_ids [B, S]."""
         probs, indices, weights = routing.probs.float(), routing.indices, routing.weights.float()
         b, m, e = probs.shape
         shares = torch.zeros(b, m, e, device=probs.device).scatter_add_(-1, indices, routing.share.float())  # [B, M, E]
@@ -162,7 +160,6 @@ class _LayerSums:
         src, item_shares = sources[mine].cpu(), shares[mine].double().cpu()  # [R], [R, E]
         self.mi_items += len(src)
         self.joint.index_add_(0, src, item_shares)
-        self.joint_null.index_add_(0, src[torch.randperm(len(src), generator=gen)], item_shares)
 
     def result(self, layer: int) -> LayerRouting:
         source_entropy = _entropy(self.joint.sum(dim=1))
@@ -178,7 +175,6 @@ class _LayerSums:
             source_entropy=source_entropy,
             mutual_information=mi,
             mi_fraction=mi / source_entropy if source_entropy > 0 else 0.0,
-            mi_null=mutual_information(self.joint_null),
         )
 
 
@@ -199,7 +195,6 @@ def routing_diagnostics(model: nn.Module, eval_set: EvalSet, batch_size: int, ma
     layers = [_LayerSums(n, moe.cfg.num_experts) for moe in moes]
     sums = torch.zeros(n, dtype=torch.float64, device=device)
     counts = torch.zeros(n, dtype=torch.float64, device=device)
-    gen = torch.Generator().manual_seed(0)  # the null permutations
     span = per_item = 0
     with routing_override(model, None), recorded_routing(model) as records:
         for batch in eval_set.batches(batch_size, max_batches):
@@ -210,7 +205,7 @@ def routing_diagnostics(model: nn.Module, eval_set: EvalSet, batch_size: int, ma
             sums += s
             counts += c
             for stats, routing in zip(layers, records, strict=True):
-                stats.add(routing, source_ids, gen)
+                stats.add(routing, source_ids)
             span, per_item = records[0].span, records[0].indices.shape[-1]
     losses = losses_from_sums(sums, counts, eval_set.source_names)
     interventions = {}
@@ -243,10 +238,10 @@ def format_routing(diag: RoutingDiagnostics, gap: TrainValGap | None) -> str:
     normal = diag.losses["val/loss"]
     lines.append(f"  loss as trained {normal:.4f}" + "".join(
         f" | {name} {i.loss:.4f} ({i.delta:+.4f})" for name, i in diag.interventions.items()))  # fmt: skip
-    lines.append("  layer     items  I(source;expert)  /H(source)  null I  entropy  weight entropy  max share")
+    lines.append("  layer     items  I(source;expert)  /H(source)  entropy  weight entropy  max share")
     for r in diag.layers:
         lines.append(f"  {r.layer:>5} {r.items:>9} {r.mutual_information:>17.4f} {r.mi_fraction:>11.3f} "
-                     f"{r.mi_null:>7.4f} {r.entropy:>8.3f} {r.weight_entropy:>15.3f} {r.max_share:>10.3f}")  # fmt: skip
+                     f"{r.entropy:>8.3f} {r.weight_entropy:>15.3f} {r.max_share:>10.3f}")  # fmt: skip
     lines.append(f"  (nats; uniform entropy ln E = {math.log(diag.num_experts):.3f}, uniform weight entropy "
                  f"ln J = {math.log(diag.experts_per_item):.3f}, balanced max share 1/E = {1 / diag.num_experts:.3f}, "
                  f"H(source) = {diag.layers[0].source_entropy:.3f})")  # fmt: skip
