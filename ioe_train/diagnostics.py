@@ -128,8 +128,9 @@ def _entropy(p: Tensor) -> float:
 
 
 def mutual_information(joint: Tensor) -> float:
-    """I(source; expert) in nats of a table of counts [N, E]: H(source) + H(expert) - H(source, expert)."""
-    return _entropy(joint.sum(dim=1)) + _entropy(joint.sum(dim=0)) - _entropy(joint)
+    """I(source; expert) in nats of a table of counts [N, E]: H(source) + H(expert) - H(source, expert)
+    (clamped at 0: for independent rows the sum is 0 up to rounding)."""
+    return max(0.0, _entropy(joint.sum(dim=1)) + _entropy(joint.sum(dim=0)) - _entropy(joint))
 
 
 class _LayerSums:

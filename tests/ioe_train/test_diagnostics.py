@@ -72,7 +72,8 @@ def test_every_router_honours_the_routing_overrides(router):
 
     # uniform: the same routing whatever the input, every used expert weighted alike, all experts used
     u = uniform.routing
-    assert torch.equal(u.indices, uniform_other.routing.indices) and torch.equal(u.weights, uniform_other.routing.weights)
+    assert torch.equal(u.indices, uniform_other.routing.indices)
+    assert torch.equal(u.weights, uniform_other.routing.weights)
     torch.testing.assert_close(u.weights, torch.full_like(u.weights, 1 / u.weights.shape[-1]))
     load = torch.zeros(4).index_add_(0, u.indices.flatten(), u.share.flatten())
     assert load.min() > 0.15 * load.sum()
@@ -217,7 +218,8 @@ def diagnose(model, val_dir: Path):
 
 @pytest.mark.parametrize("router", ["topk", "ioe"])
 def test_routing_by_domain_carries_the_domain_and_is_worth_loss(router, disjoint_domains):
-    routed, constant = diagnose(domain_model(router, True), disjoint_domains), diagnose(domain_model(router, False), disjoint_domains)
+    routed = diagnose(domain_model(router, True), disjoint_domains)
+    constant = diagnose(domain_model(router, False), disjoint_domains)
     assert routed.losses["val/loss"] < constant.losses["val/loss"] - 0.1  # the hand-set experts help
     for layer in routed.layers:
         assert layer.source_entropy == pytest.approx(math.log(DOMAINS), abs=0.05)
@@ -234,7 +236,8 @@ def test_routing_by_domain_carries_the_domain_and_is_worth_loss(router, disjoint
 
 
 def test_ioe_statistics_cover_the_routed_segments_only_and_uniform_routing_loses_nothing(disjoint_domains):
-    routed, constant = diagnose(domain_model("ioe", True), disjoint_domains), diagnose(domain_model("ioe", False), disjoint_domains)
+    routed = diagnose(domain_model("ioe", True), disjoint_domains)
+    constant = diagnose(domain_model("ioe", False), disjoint_domains)
     windows = torch.cat([b["input_ids"] for b in EvalSet([str(disjoint_domains)], SEQ, 0, 1).batches(8, 0)])
     # segment s >= 1 is routed when segment s - 1 holds no EOS (no document starts in (sL - L, sL])
     has_eos = (windows == EOS).view(len(windows), SEQ // 8, 8).any(dim=-1)  # [windows, N]
@@ -250,7 +253,8 @@ def test_ioe_statistics_cover_the_routed_segments_only_and_uniform_routing_loses
 
 
 def test_topk_statistics_separate_the_softmax_from_the_top_k_weights(disjoint_domains):
-    routed, constant = diagnose(domain_model("topk", True), disjoint_domains), diagnose(domain_model("topk", False), disjoint_domains)
+    routed = diagnose(domain_model("topk", True), disjoint_domains)
+    constant = diagnose(domain_model("topk", False), disjoint_domains)
     # Layer 0's softmax: 1/2 on the domain's pair for the 48 words of a document, uniform (its
     # domain dims are 0) for the EOS; the renormalised top-2 weights are 1/2 and 1/2 for all.
     want = (DOC_WORDS * math.log(2) + math.log(16)) / (DOC_WORDS + 1)
@@ -307,7 +311,8 @@ def test_eval_routing_reports_interventions_information_and_the_gap(ioe_run, dom
 def test_eval_routing_of_a_dense_run_says_there_is_none(tmp_path, domain_shards):
     cfg = load_config(CONFIGS / "proxy_dense.yaml", [f"output_dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
-    result = CliRunner().invoke(ioe_train, ["eval", str(tmp_path), "--data", str(domain_shards[1]), "--routing"])
+    args = ["eval", str(tmp_path), "--data", str(domain_shards[1]), "--routing"]
+    result = CliRunner().invoke(ioe_train, args)
     assert result.exit_code == 0 and "a dense model, no routing to diagnose" in result.output
-    result = CliRunner().invoke(ioe_train, ["eval", str(tmp_path), "--data", str(domain_shards[1]), "--routing", "--json"])
+    result = CliRunner().invoke(ioe_train, [*args, "--json"])
     assert result.exit_code == 0 and json.loads(result.output) == {"run": str(tmp_path), "routing": None}
