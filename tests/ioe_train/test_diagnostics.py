@@ -180,12 +180,13 @@ def disjoint_domains(tmp_path_factory) -> Path:
     return write_disjoint_domains(tmp_path_factory.mktemp("disjoint"))
 
 
-def domain_model(router: str, by_domain: bool) -> torch.nn.Module:
+def domain_model(router: str, gate_kind: str) -> torch.nn.Module:
     """A 2-layer MoE (16 experts) whose routing is set by hand. Attention adds nothing; a word's
     embedding is 1 at dim d (its domain) plus noise on dims 8..63. Experts 2d and 2d + 1 fire on
     dim d and add the mean embedding of domain d's words (dims 8..63 only: the domain dims, and
-    so the next layer's routing, stay). by_domain: the gate sends domain d to experts 2d, 2d + 1
-    (top-2: both; IoE: g of 1/2 each); else the gate is zero (uniform probs; IoE a uniform merge)."""
+    so the next layer's routing, stay). The router's gate: "domain" sends domain d to experts 2d
+    and 2d + 1 (top-2: both; IoE: g of 1/2 each), "zero" is constant (uniform probs; IoE: a uniform
+    merge), "one_pair" sends every domain to experts 0 and 1."""
     moe = MoEConfig(router=router, num_experts=16, top_k=2, expert_hidden_dim=8, ioe_segment_len=8,
                     ioe_document_reset=router == "ioe")  # fmt: skip
     torch.manual_seed(0)
@@ -200,15 +201,17 @@ def domain_model(router: str, by_domain: bool) -> torch.nn.Module:
         mean_word = emb[:EOS, DOMAINS:].view(DOMAINS, WORDS_PER_DOMAIN, -1).mean(dim=1)  # [domains, 56]
         for layer in model.layers:
             layer.attn.output_proj.weight.zero_()
-            experts, gate = layer.mlp.experts, layer.mlp.router.gate.weight  # gate: [E, D]
+            experts, gate = layer.mlp.experts, layer.mlp.router.gate.weight  # [E, D]
             experts.w_gate_up.zero_()
             experts.w_down.zero_()
             gate.zero_()
             for e in range(16):
                 experts.w_gate_up[e, e // 2] = 1.0  # gate and up units read dim d
                 experts.w_down[e, :, DOMAINS:] = mean_word[e // 2] / mean_word[e // 2].norm() / 8
-                if by_domain:
+                if gate_kind == "domain":
                     gate[e, e // 2] = 10.0
+            if gate_kind == "one_pair":
+                gate[:2, :DOMAINS] = 10.0
     return model
 
 
@@ -218,8 +221,8 @@ def diagnose(model, val_dir: Path):
 
 @pytest.mark.parametrize("router", ["topk", "ioe"])
 def test_routing_by_domain_carries_the_domain_and_is_worth_loss(router, disjoint_domains):
-    routed = diagnose(domain_model(router, True), disjoint_domains)
-    constant = diagnose(domain_model(router, False), disjoint_domains)
+    routed = diagnose(domain_model(router, "domain"), disjoint_domains)
+    constant = diagnose(domain_model(router, "zero"), disjoint_domains)
     assert routed.losses["val/loss"] < constant.losses["val/loss"] - 0.1  # the hand-set experts help
     for layer in routed.layers:
         assert layer.source_entropy == pytest.approx(math.log(DOMAINS), abs=0.05)
@@ -236,8 +239,8 @@ def test_routing_by_domain_carries_the_domain_and_is_worth_loss(router, disjoint
 
 
 def test_ioe_statistics_cover_the_routed_segments_only_and_uniform_routing_loses_nothing(disjoint_domains):
-    routed = diagnose(domain_model("ioe", True), disjoint_domains)
-    constant = diagnose(domain_model("ioe", False), disjoint_domains)
+    routed = diagnose(domain_model("ioe", "domain"), disjoint_domains)
+    constant = diagnose(domain_model("ioe", "zero"), disjoint_domains)
     windows = torch.cat([b["input_ids"] for b in EvalSet([str(disjoint_domains)], SEQ, 0, 1).batches(8, 0)])
     # segment s >= 1 is routed when segment s - 1 holds no EOS (no document starts in (sL - L, sL])
     has_eos = (windows == EOS).view(len(windows), SEQ // 8, 8).any(dim=-1)  # [windows, N]
@@ -250,11 +253,17 @@ def test_ioe_statistics_cover_the_routed_segments_only_and_uniform_routing_loses
         assert layer.entropy == pytest.approx(math.log(16)) and layer.max_share == pytest.approx(1 / 16)
     # A router that already merges uniformly: both interventions change nothing, to the bit.
     assert constant.interventions["uniform"].delta == 0.0 and constant.interventions["shuffle"].delta == 0.0
+    # Every routed segment on experts 0 and 1: the load is theirs alone (the prior's uniform
+    # segments would spread it), and nothing is said about the source.
+    for layer in diagnose(domain_model("ioe", "one_pair"), disjoint_domains).layers:
+        assert layer.max_share == pytest.approx(0.5, abs=1e-3)
+        assert layer.load_entropy == pytest.approx(math.log(2), abs=0.01)
+        assert layer.mutual_information < 0.01
 
 
 def test_topk_statistics_separate_the_softmax_from_the_top_k_weights(disjoint_domains):
-    routed = diagnose(domain_model("topk", True), disjoint_domains)
-    constant = diagnose(domain_model("topk", False), disjoint_domains)
+    routed = diagnose(domain_model("topk", "domain"), disjoint_domains)
+    constant = diagnose(domain_model("topk", "zero"), disjoint_domains)
     # Layer 0's softmax: 1/2 on the domain's pair for the 48 words of a document, uniform (its
     # domain dims are 0) for the EOS; the renormalised top-2 weights are 1/2 and 1/2 for all.
     want = (DOC_WORDS * math.log(2) + math.log(16)) / (DOC_WORDS + 1)
