@@ -142,7 +142,8 @@ def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
                    "load per layer, train-val gap (docs/MOE.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_cmd(run_dir, dirs, batches, routing, as_json) -> None:
-    """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU)."""
+    """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU);
+    with --routing, whether the model uses its routing too."""
     from ioe_train.data import EvalSet
     from ioe_train.diagnostics import format_routing, routing_diagnostics, train_val_gap
     from ioe_train.evaluate import evaluate_dirs
