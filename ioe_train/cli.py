@@ -156,28 +156,51 @@ def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
 @click.option("--per-document/--no-per-document", default=None,
               help="Score each document on its own (block-causal attention, IoE document reset) "
                    "[default: the run's eval.per_document].")
+@click.option("--routing", is_flag=True,
+              help="Also routing diagnostics: loss under routing interventions, I(source; experts), entropy, "
+                   "load per layer, train-val gap (docs/MOE.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(run_dir, dirs, batches, packing, per_document, as_json) -> None:
-    """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU)."""
+def eval_cmd(run_dir, dirs, batches, packing, per_document, routing, as_json) -> None:
+    """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU);
+    with --routing, whether the model uses its routing too."""
+    from ioe_train.data import EvalSet
+    from ioe_train.diagnostics import format_routing, routing_diagnostics, train_val_gap
     from ioe_train.evaluate import evaluate_dirs
-    from ioe_train.runs import RunError, load_model, run_tokenizer_fingerprint
+    from ioe_train.runs import RunError, load_model, read_metrics, run_config, run_tokenizer_fingerprint
     from pile_prep.reader import ShardDataset, ShardError
 
     try:
+        if routing and not run_config(run_dir).model.is_moe:
+            click.echo(json.dumps({"run": str(run_dir), "routing": None}) if as_json
+                       else f"{run_dir}: a dense model, no routing to diagnose")  # fmt: skip
+            return
         model, cfg, step = load_model(run_dir)
         ShardDataset(list(dirs), expect_fingerprint=run_tokenizer_fingerprint(cfg))
         packing = packing or cfg.eval.packing or cfg.data.packing
         per_document = cfg.eval.per_document if per_document is None else per_document
-        losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len, cfg.eval.batch_size or cfg.micro_batch_size,
-                               batches, packing, per_document, Path(run_dir) / "data_index")  # fmt: skip
+        batch_size = cfg.eval.batch_size or cfg.micro_batch_size
+        diag = gap = None
+        if routing:
+            eval_set = EvalSet([str(d) for d in dirs], cfg.data.seq_len, 0, 1, packing, Path(run_dir) / "data_index")
+            diag = routing_diagnostics(model, eval_set, batch_size, batches, per_document=per_document)
+            losses = diag.losses
+            gap = train_val_gap(read_metrics(run_dir)) if (Path(run_dir) / "metrics.jsonl").is_file() else None
+        else:
+            losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len, batch_size, batches, packing, per_document,
+                                   Path(run_dir) / "data_index")  # fmt: skip
     except (RunError, ShardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps({"run": str(run_dir), "step": step, "packing": packing, "per_document": per_document,
-                               **losses}, indent=2))  # fmt: skip
+        report = {"run": str(run_dir), "step": step, "packing": packing, "per_document": per_document, **losses}
+        if diag is not None:
+            report["routing"] = {k: v for k, v in asdict(diag).items() if k != "losses"}
+            report["train_val_gap"] = asdict(gap) if gap is not None else None
+        click.echo(json.dumps(report, indent=2))
         return
     protocol = f"{packing} packing{', per document' if per_document else ''}"
     click.echo(f"{run_dir} (step {step}, {protocol}): val loss {losses['val/loss']:.4f}")
     for key, value in losses.items():
         if key.count("/") == 2:
             click.echo(f"  {key.split('/', 2)[2]:<24} {value:.4f}")
+    if diag is not None:
+        click.echo(format_routing(diag, gap))

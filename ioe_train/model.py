@@ -157,10 +157,8 @@ class Block(nn.Module):
         normed = self.sa_norm(x)
         h = x + self.attn(normed, normed, mask=mask)  # no KV cache
         if isinstance(self.mlp, MoE):
-            y, router_loss, aux_loss, tokens_per_expert, router_entropy = self.mlp.forward_with_stats(
-                self.mlp_norm(h), doc_start
-            )
-            return h + y, router_loss, aux_loss, tokens_per_expert, router_entropy
+            routed = self.mlp.forward_with_stats(self.mlp_norm(h), doc_start)
+            return h + routed.out, routed.router_loss, routed.aux_loss, routed.tokens_per_expert, routed.entropy
         zero = x.new_zeros((), dtype=torch.float32)
         return h + self.mlp(self.mlp_norm(h)), zero, zero, x.new_zeros(0, dtype=torch.float32), zero
 

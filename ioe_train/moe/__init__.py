@@ -4,10 +4,20 @@ from ioe_train.moe.config import MoEConfig
 from ioe_train.moe.experts import Experts, expert_path
 from ioe_train.moe.layer import MoE, balances_from_load, swiglu_mlp, update_router_biases
 from ioe_train.moe.losses import ReduceFn, entropy, load_balancing_loss, z_loss
-from ioe_train.moe.router import ROUTERS, IoERouter, Routed, Router, TopKBiasRouter, TopKRouter
+from ioe_train.moe.router import (
+    ROUTERS,
+    ROUTING_OVERRIDES,
+    IoERouter,
+    Routed,
+    Router,
+    Routing,
+    TopKBiasRouter,
+    TopKRouter,
+)
 
 __all__ = [
     "ROUTERS",
+    "ROUTING_OVERRIDES",
     "Experts",
     "IoERouter",
     "MoE",
@@ -15,6 +25,7 @@ __all__ = [
     "ReduceFn",
     "Routed",
     "Router",
+    "Routing",
     "TopKBiasRouter",
     "TopKRouter",
     "balances_from_load",

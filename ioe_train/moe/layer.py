@@ -53,7 +53,7 @@ class MoE(nn.Module):
         return routed.out, routed.router_loss, routed.aux_loss
 
     def forward_with_stats(self, x: Tensor, doc_start: Tensor | None = None) -> Routed:
-        """x: [B, S, D] -> Routed(out, router_loss, aux_loss, tokens_per_expert [E], entropy).
+        """x: [B, S, D] -> Routed(out, router_loss, aux_loss, tokens_per_expert [E], entropy, routing).
 
         doc_start: [B, S] bool, True where a document begins (the decoder passes it when
         `ioe_document_reset` is set), or None; the router decides what to do with it.

@@ -8,7 +8,8 @@ losses and statistics. It may dispatch tokens to experts (`TopKRouter`) or merge
 parameters (`IoERouter`). To add one: subclass `Router`, add it to `ROUTERS`, select it with
 `MoEConfig.router`. Its rules: stay causal (position t's output may depend on tokens <= t only),
 route identically when re-run on the same input and RNG state (activation checkpointing recomputes
-the forward), return zeros for a loss that does not apply.
+the forward), return zeros for a loss that does not apply, honour `routing_override` and report
+the routing it applied (`Routing`; the diagnostics of ioe_train/diagnostics.py read both).
 """
 
 from __future__ import annotations
@@ -27,6 +28,25 @@ if TYPE_CHECKING:
     from ioe_train.moe.config import MoEConfig
 
 
+# Values of `Router.routing_override` other than None (route as trained); see `Router`.
+ROUTING_OVERRIDES = ("uniform", "shuffle")
+
+
+class Routing(NamedTuple):
+    """Which experts each routed item used. Items: tokens (top-k) or segments of L tokens (IoE).
+
+    M items per sequence, J experts per item (top-k: its K; IoE: all E). Detached views of the
+    forward's own tensors: returning them costs nothing.
+    """
+
+    probs: Tensor  # [B, M, E] the router's own distribution (top-k: softmax; IoE: g), before any override
+    indices: Tensor  # [B, M, J] the experts the item used
+    weights: Tensor  # [B, M, J] their weights on outputs (top-k) or on parameters (IoE), as applied
+    share: Tensor  # [B, M, J] their shares of the item's load, summing to 1: top-k 1/K each, IoE g
+    routed: Tensor  # [B, M] bool: decided from the input (False: IoE segments that take the prior)
+    span: int  # tokens per item: 1 (top-k) or L (IoE; a sequence's last segment may be shorter)
+
+
 class Routed(NamedTuple):
     """What a router returns. Losses are fp32 scalars; statistics are detached."""
 
@@ -35,10 +55,25 @@ class Routed(NamedTuple):
     aux_loss: Tensor  # load-balancing loss, unweighted (the trainer applies its weight)
     tokens_per_expert: Tensor  # [E] fp32: how much of this micro-batch's tokens each expert took
     entropy: Tensor  # mean entropy of the routing distributions, nats
+    routing: Routing  # the routing this forward applied
 
 
 class Router(nn.Module, ABC):
-    """Interface of a router: `routed = router(x, experts, reduce_counts, doc_start)`."""
+    """Interface of a router: `routed = router(x, experts, reduce_counts, doc_start)`.
+
+    Routing interventions, for diagnostics only: `routing_override` is None (route as trained)
+    unless `ioe_train.diagnostics.routing_override` sets it for the length of a `with` block. forward
+    then computes its routing and losses as usual but applies instead, item by item:
+    - "uniform": a routing that ignores the input and favours no expert (top-k: K experts drawn
+      uniformly for each token, weights 1/K; IoE: g = 1/E for every segment, segment 0 included);
+    - "shuffle": the routed items' own decisions permuted across the batch's routed items: routing
+      keeps its distribution and loses its link to the input.
+    Draws come from `override_generator`. `Routed.routing` reports what was applied.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routing_override: str | None = None  # None or one of ROUTING_OVERRIDES
 
     @classmethod
     @abstractmethod
@@ -67,6 +102,16 @@ def _jitter(x: Tensor, amount: float, training: bool) -> Tensor:
     if not training or amount == 0.0:
         return x
     return x * torch.empty_like(x).uniform_(1.0 - amount, 1.0 + amount)
+
+
+def override_generator(device: torch.device) -> torch.Generator:
+    """The RNG of routing overrides, seeded 0 at every forward: an intervention repeats exactly (the
+    same draws in every layer and in every batch of equal size) and torch's own RNG is untouched."""
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def _unknown_override(value: str) -> ValueError:
+    return ValueError(f"routing_override must be None or one of {ROUTING_OVERRIDES}, got {value!r}")
 
 
 def _count(indices: Tensor, num_experts: int) -> Tensor:
@@ -112,11 +157,26 @@ class TopKRouter(Router):
         """probs: [T, E] -> the K largest probs [T, K] and their experts [T, K]."""
         return probs.topk(self.top_k, dim=-1)
 
+    def override(self, weights: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The routing `routing_override` asks for (see Router) in place of weights, indices [T, K]."""
+        t, k = indices.shape
+        gen = override_generator(indices.device)
+        if self.routing_override == "uniform":
+            draws = torch.rand(t, self.gate.out_features, generator=gen, device=indices.device)  # [T, E]
+            return torch.full_like(weights, 1.0 / k), draws.topk(k, dim=-1).indices  # K distinct experts each
+        if self.routing_override == "shuffle":
+            perm = torch.randperm(t, generator=gen, device=indices.device)  # [T]
+            return weights[perm], indices[perm]
+        raise _unknown_override(self.routing_override)
+
     def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
                 doc_start: Tensor | None = None) -> Routed:  # fmt: skip
         b, s, d = x.shape
+        k = self.top_k
         x = x.reshape(b * s, d)  # [T, D]
         logits, probs, weights, indices = self.route(x)
+        if self.routing_override is not None:
+            weights, indices = self.override(weights, indices)
         flat = indices.reshape(-1)  # [T*K] expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # [T*K] slots grouped by expert, token order kept
         counts = _count(flat, experts.num_experts)  # [E]
@@ -129,6 +189,14 @@ class TopKRouter(Router):
             aux_loss=load_balancing_loss(probs, counts, reduce_counts),
             tokens_per_expert=counts.float(),
             entropy=entropy(probs).detach(),
+            routing=Routing(
+                probs=probs.detach().view(b, s, -1),
+                indices=indices.view(b, s, k),
+                weights=weights.detach().view(b, s, k),
+                share=weights.new_full((), 1.0 / k).expand(b, s, k),
+                routed=torch.ones((), dtype=torch.bool, device=x.device).expand(b, s),
+                span=1,
+            ),
         )
 
 
@@ -160,7 +228,7 @@ class IoERouter(Router):
     z-loss of their logits, and the Switch loss with f_e the fraction of routed segments whose
     largest weight is e (over this micro-batch, or all ranks with `reduce_counts`). Statistics:
     tokens_per_expert_e = sum over tokens of g_e (soft counts summing to T); entropy of g over
-    all B * N segments.
+    all B * N segments. Routing overrides replace g after the losses (Router).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
@@ -190,6 +258,18 @@ class IoERouter(Router):
     def active_experts(cls, cfg: MoEConfig) -> int:
         return 1
 
+    def override(self, g: Tensor, routed: Tensor) -> Tensor:
+        """The merge weights `routing_override` asks for (see Router) in place of g [B, N, E];
+        routed [B, N] bool marks the segments routed from their predecessor."""
+        if self.routing_override == "uniform":
+            return torch.full_like(g, 1.0 / g.shape[-1])
+        if self.routing_override == "shuffle":
+            flat = g.reshape(-1, g.shape[-1])  # [B*N, E]
+            items = routed.reshape(-1).nonzero().squeeze(1)  # [R] the routed segments
+            perm = torch.randperm(len(items), generator=override_generator(g.device), device=g.device)  # [R]
+            return flat.index_copy(0, items, flat[items[perm]]).view_as(g)
+        raise _unknown_override(self.routing_override)
+
     def forward(self, x: Tensor, experts: Experts, reduce_counts: ReduceFn | None,
                 doc_start: Tensor | None = None) -> Routed:  # fmt: skip
         b, s, d = x.shape
@@ -204,11 +284,17 @@ class IoERouter(Router):
         prior = self.prior.float().softmax(dim=-1).expand(b, 1, e)  # [B, 1, E]
         routed = probs.view(b, n - 1, e)  # [B, N-1, E] weights of segments 1..N-1
         keep = None  # [B*(N-1)] 1.0 where a segment is routed by its predecessor
+        from_input = torch.ones(b, n, dtype=torch.bool, device=x.device)  # [B, N] not routed by the prior
+        from_input[:, 0] = False
         if doc_start is not None and n > 1:
             reset = _document_resets(doc_start, seg, n)  # [B, N-1]
             routed = torch.where(reset[..., None], prior, routed)
             keep = (~reset).reshape(-1).float()
+            from_input[:, 1:] = ~reset
         g = torch.cat([prior, routed], dim=1)  # [B, N, E] weights of segment s
+        decided = g
+        if self.routing_override is not None:
+            g = self.override(g, from_input)
 
         out = experts.merged_swiglu(xs.reshape(b * n, seg, d), g.reshape(b * n, e), self.merge_chunk)  # [B*N, L, D]
         out = out.view(b, n * seg, d)[:, :s]  # [B, S, D]
@@ -227,7 +313,9 @@ class IoERouter(Router):
         seg_tokens = torch.full((n,), seg, dtype=torch.float32, device=x.device)  # [N]
         seg_tokens[-1] = s - (n - 1) * seg
         tokens_per_expert = (g.detach() * seg_tokens[:, None]).sum(dim=(0, 1))  # [E]
-        return Routed(out, router_loss, aux_loss, tokens_per_expert, entropy(g.reshape(-1, e)).detach())
+        routing = Routing(probs=decided.detach(), indices=torch.arange(e, device=x.device).expand(b, n, e),
+                          weights=g.detach(), share=g.detach(), routed=from_input, span=seg)  # fmt: skip
+        return Routed(out, router_loss, aux_loss, tokens_per_expert, entropy(g.reshape(-1, e)).detach(), routing)
 
 
 def _document_resets(doc_start: Tensor, seg: int, n: int) -> Tensor:
