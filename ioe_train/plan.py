@@ -11,7 +11,9 @@ FLOPs per token (the MFU numerator, model FLOPs: recomputation is not counted):
   + what a router adds (IoE's merges: Router.extra_flops_per_token).
 
 Memory per rank, in bytes (each term is a row of the printed table):
-  sharded state   16 P / W: fp32 parameters, fp32 gradients, AdamW's two fp32 moments
+  sharded state   16 P / W: fp32 parameters, fp32 gradients, AdamW's two fp32 moments; P / W
+                  per parameter as parallelize.py shards it, with FSDP2's padding where the
+                  sharded dim does not divide by W (8 experts on 24 ranks: 1 expert per rank)
   unsharded       FSDP2 all-gathers in the parameter dtype: the root (embedding / output, kept
                   for the whole step) and two blocks (the one running and the one prefetched);
                   in backward also their unsharded gradients and, with bf16 parameters, the
@@ -38,6 +40,7 @@ from ioe_train.config import TrainConfig
 from ioe_train.devices import BY_KEY
 from ioe_train.model import Arch, Decoder, build_model, count_params
 from ioe_train.moe import ROUTERS, IoERouter, MoE, MoEConfig, TopKRouter
+from ioe_train.parallelize import shard_numel
 
 FIT_FRACTION = 0.9
 GIB = 2**30
@@ -172,11 +175,12 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     ce_chunk = chunk * v * (8 + (2 * a if a != 4 else 0)) + v * d * (a + reduce_copy)
     unsharded = root * a + 2 * layer * a
     backward = root * a + layer * (a + reduce_copy) + recompute + _backward_work_bytes(arch, moe, a, tokens)
-    state = 16 * total / shard  # fp32 parameters, gradients, AdamW's two moments
+    sharded = shard_numel(model, shard)  # total / shard, plus FSDP2's padding of uneven shards
+    state = 16 * sharded  # fp32 parameters, gradients, AdamW's two moments
     rows = {
-        "sharded parameters (fp32)": 4 * total / shard,
-        "gradients (fp32, sharded)": 4 * total / shard,
-        "optimizer states (AdamW, fp32)": 8 * total / shard,
+        "sharded parameters (fp32)": 4 * sharded,
+        "gradients (fp32, sharded)": 4 * sharded,
+        "optimizer states (AdamW, fp32)": 8 * sharded,
         "unsharded parameters (FSDP)": unsharded,
         "activations": acts,
         "output + loss": ce_kept + ce_chunk,
