@@ -15,7 +15,8 @@ Memory per rank, in bytes (each term is a row of the printed table):
                   per parameter as parallelize.py shards it, with FSDP2's padding where the
                   sharded dim does not divide by W (8 experts on 24 ranks: 1 expert per rank)
   unsharded       FSDP2 all-gathers in the parameter dtype: the root (embedding / output, kept
-                  for the whole step) and two blocks (the one running and the one prefetched);
+                  for the whole step) and two blocks (the one running and the one prefetched),
+                  or all L blocks with `parallel.reshard_after_forward: false`;
                   in backward also their unsharded gradients and, with bf16 parameters, the
                   fp32 copies that are reduce-scattered
   activations     what autograd keeps per block per token (below), x L blocks x T
@@ -173,7 +174,10 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     recompute = 0.0 if ac == "none" else tokens * activation_bytes_per_token(arch, moe, a, "none")
     ce_kept = v * d * 4 + tokens * d * a  # dL/dW fp32 and dL/dh, forward to backward
     ce_chunk = chunk * v * (8 + (2 * a if a != 4 else 0)) + v * d * (a + reduce_copy)
-    unsharded = root * a + 2 * layer * a
+    # Gathered blocks: the running one and the prefetched one, or with reshard_after_forward
+    # false every block, each kept from its forward to its backward.
+    gathered = 2 if cfg.parallel.reshard_after_forward else arch.num_layers
+    unsharded = root * a + min(gathered, arch.num_layers) * layer * a
     backward = root * a + layer * (a + reduce_copy) + recompute + _backward_work_bytes(arch, moe, a, tokens)
     sharded = shard_numel(model, shard)  # total / shard, plus FSDP2's padding of uneven shards
     state = 16 * sharded  # fp32 parameters, gradients, AdamW's two moments

@@ -130,3 +130,20 @@ def test_plan_counts_expert_shards_as_parallelize_places_them():
         want_experts = experts / world if world == 16 else experts / 8  # 24, 48: no dim divides
         assert per_rank == pytest.approx(want_experts + (p.params_total - experts) / world, rel=2e-3), world
         assert p.fits, world
+
+
+@pytest.mark.parametrize(("router", "gathered_gib"), [("topk", 2.67), ("ioe", 5.01)])
+def test_plan_keeps_every_block_gathered_without_reshard_after_forward(router, gathered_gib):
+    # parallelize.py: with reshard_after_forward false each block stays gathered from its forward
+    # to its backward, so at the end of forward the root and all 24 blocks are unsharded (bf16).
+    resharded = plan(load_config(REAL, [f"model.moe.router={router}"]), 16)
+    kept = plan(load_config(REAL, [f"model.moe.router={router}", "parallel.reshard_after_forward=false"]), 16)
+    with torch.device("meta"):
+        model = build_model(load_config(REAL, [f"model.moe.router={router}"]).model)
+    layer = sum(p.numel() for p in model.layers[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - 24 * layer
+    assert resharded.memory_gib["unsharded parameters (FSDP)"] == pytest.approx(2 * (root + 2 * layer) / 2**30)
+    assert kept.memory_gib["unsharded parameters (FSDP)"] == pytest.approx(2 * (root + 24 * layer) / 2**30)
+    assert kept.memory_gib["unsharded parameters (FSDP)"] == pytest.approx(gathered_gib, abs=0.005)
+    extra = kept.memory_gib["unsharded parameters (FSDP)"] - resharded.memory_gib["unsharded parameters (FSDP)"]
+    assert kept.peak_gib_per_rank == pytest.approx(resharded.peak_gib_per_rank + extra)
