@@ -26,9 +26,13 @@ Memory per rank, in bytes (each term is a row of the printed table):
                   checkpointing), gradient temporaries, IoE's merged experts
 The per-block activation bytes were read off autograd's saved tensors (torch 2.13, torchtune
 0.6.1; tests/ioe_train/test_plan.py checks them against a real block in fp32 and bf16).
-The peak is the larger of the end of forward and the backward of the last block. A device
-"fits" a plan whose peak is at most FIT_FRACTION of its memory: the rest is left for the
-allocator's fragmentation and the runtime's own buffers (CUDA/HIP context, NCCL/RCCL).
+The peak is the larger of the end of forward and the backward of the last block. Beyond it:
+  fragmentation   FRAGMENTATION x the peak: blocks the caching allocator holds but cannot reuse
+                  (its size rounding and split blocks)
+  runtime reserve RUNTIME_RESERVE_GIB per GPU rank, 0 on CPU: the CUDA/HIP context (kernels,
+                  cuBLAS/hipBLASLt workspaces) and NCCL/RCCL's channel buffers
+A device "fits" a plan whose peak + fragmentation + runtime reserve ("required") is at most its
+memory. Both allowances are estimates, not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -43,8 +47,12 @@ from ioe_train.model import Arch, Decoder, build_model, count_params
 from ioe_train.moe import ROUTERS, IoERouter, MoE, MoEConfig, TopKRouter
 from ioe_train.parallelize import shard_numel
 
-FIT_FRACTION = 0.9
 GIB = 2**30
+# Of the tensors' peak: the caching allocator's reserved-but-unusable blocks (an estimate).
+FRAGMENTATION = 0.10
+# Per GPU rank, GiB: a CUDA/HIP context with its BLAS workspaces (~0.5) and the collective
+# library's channel buffers (~0.5: NCCL_BUFFSIZE 4 MiB x send/recv x up to 64 channels/peers).
+RUNTIME_RESERVE_GIB = 1.0
 
 
 @dataclass(frozen=True)
@@ -148,11 +156,14 @@ class Plan:
     activation_checkpointing: str
     replicate_degree: int  # HSDP replicas (parallel.replicate_degree); parameters shard over W / it
     memory_gib: dict[str, float]  # per rank, by component (module docstring)
-    peak_gib_per_rank: float
+    peak_gib_per_rank: float  # of the tensors
+    fragmentation_gib: float  # FRAGMENTATION x the peak
+    runtime_reserve_gib: float  # context and collective buffers (0 on CPU)
+    required_gib_per_rank: float  # peak + fragmentation + runtime reserve: what must fit
     device: str
     device_gib: float
     fits: bool
-    max_micro_batch_size: int  # the largest that fits device_gib * FIT_FRACTION (0: none)
+    max_micro_batch_size: int  # the largest whose requirement fits device_gib (0: none)
     mfu: float
     step_time_s: float | None  # at `mfu` of the device's peak bf16 FLOP/s (None on CPU: no peak)
     tokens_per_s: float | None
@@ -220,9 +231,17 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
     mp = cfg.parallel.mixed_precision
     a = 2 if mp == "bf16" or (mp == "auto" and device != "cpu") else 4
     gib = device_gib if device_gib is not None else BY_KEY[device].memory_gib
-    mem = memory_per_rank(cfg, model, shard, a, cfg.micro_batch_size)
-    limit = FIT_FRACTION * gib * GIB
-    fitting = _largest(lambda b: memory_per_rank(cfg, model, shard, a, b)["peak"] <= limit)
+    reserve = RUNTIME_RESERVE_GIB * GIB if device != "cpu" else 0.0
+
+    def required(micro_batch: int) -> dict[str, float]:
+        rows = memory_per_rank(cfg, model, shard, a, micro_batch)
+        rows["fragmentation allowance"] = FRAGMENTATION * rows["peak"]
+        rows["runtime reserve (context, NCCL/RCCL)"] = reserve
+        rows["required"] = rows["peak"] + rows["fragmentation allowance"] + reserve
+        return rows
+
+    mem = required(cfg.micro_batch_size)
+    fitting = _largest(lambda b: required(b)["required"] <= gib * GIB)
     tokens = world * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
     peak_flops = BY_KEY[device].bf16_flops if device != "cpu" else None
     step = budget.flops_per_token * tokens / (world * peak_flops * mfu) if peak_flops else None
@@ -233,7 +252,9 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
         tokens_per_step=tokens, param_dtype="bf16" if a == 2 else "fp32",
         activation_checkpointing=cfg.parallel.activation_checkpointing, replicate_degree=replicas,
         memory_gib={k: v / GIB for k, v in mem.items()}, peak_gib_per_rank=mem["peak"] / GIB,
-        device=device, device_gib=gib, fits=mem["peak"] <= FIT_FRACTION * gib * GIB,
+        fragmentation_gib=mem["fragmentation allowance"] / GIB, runtime_reserve_gib=reserve / GIB,
+        required_gib_per_rank=mem["required"] / GIB, device=device, device_gib=gib,
+        fits=mem["required"] <= gib * GIB,
         max_micro_batch_size=fitting, mfu=mfu, step_time_s=step, tokens_per_s=tokens / step if step else None,
     )  # fmt: skip
 
@@ -266,9 +287,8 @@ def format_plan(p: Plan) -> str:
         f"memory per rank at micro-batch {p.micro_batch_size} (GiB):",
     ]  # fmt: skip
     for key, value in p.memory_gib.items():
-        lines.append(f"  {key:<34} {value:8.2f}")
-    lines.append(f"  -> {fit} in {FIT_FRACTION:.0%} of {p.device_gib:g} GiB; largest micro-batch that fits: "
-                 f"{p.max_micro_batch_size}")  # fmt: skip
+        lines.append(f"  {key:<36} {value:8.2f}")
+    lines.append(f"  -> {fit} in {p.device_gib:g} GiB; largest micro-batch that fits: {p.max_micro_batch_size}")
     if p.step_time_s is not None:
         lines.append(f"step time at {p.mfu:.0%} MFU: {p.step_time_s:.2f} s ({p.tokens_per_s / 1e3:,.0f}k tokens/s "
                      f"over {p.world_size} ranks)")  # fmt: skip

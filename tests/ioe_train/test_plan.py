@@ -147,3 +147,23 @@ def test_plan_keeps_every_block_gathered_without_reshard_after_forward(router, g
     assert kept.memory_gib["unsharded parameters (FSDP)"] == pytest.approx(gathered_gib, abs=0.005)
     extra = kept.memory_gib["unsharded parameters (FSDP)"] - resharded.memory_gib["unsharded parameters (FSDP)"]
     assert kept.peak_gib_per_rank == pytest.approx(resharded.peak_gib_per_rank + extra)
+
+
+def test_headroom_is_named_rows_and_json_keys_that_decide_the_fit():
+    from ioe_train.plan import FRAGMENTATION, RUNTIME_RESERVE_GIB
+
+    p = plan(load_config(REAL), 16)
+    rows = p.memory_gib
+    assert rows["fragmentation allowance"] == pytest.approx(FRAGMENTATION * rows["peak"])
+    assert rows["runtime reserve (context, NCCL/RCCL)"] == RUNTIME_RESERVE_GIB > 0
+    assert rows["required"] == pytest.approx(rows["peak"] + rows["fragmentation allowance"] + RUNTIME_RESERVE_GIB)
+    assert (p.fragmentation_gib, p.runtime_reserve_gib, p.required_gib_per_rank) == (
+        rows["fragmentation allowance"], RUNTIME_RESERVE_GIB, rows["required"])
+    # the largest micro-batch is the largest whose requirement, not its bare peak, fits the device
+    at_max = plan(load_config(REAL, [f"micro_batch_size={p.max_micro_batch_size}"]), 16)
+    over = plan(load_config(REAL, [f"micro_batch_size={p.max_micro_batch_size + 1}"]), 16)
+    assert at_max.required_gib_per_rank <= 64 < over.required_gib_per_rank
+    cpu = plan(load_config(REAL), 16, device="cpu", device_gib=64)
+    assert cpu.runtime_reserve_gib == 0  # host memory: no device context or NCCL buffers
+    out = json.loads(CliRunner().invoke(main, ["plan", str(REAL), "--nproc-per-node", "16", "--json"]).output)
+    assert {"fragmentation_gib", "runtime_reserve_gib", "required_gib_per_rank"} <= out.keys()
