@@ -29,14 +29,15 @@ _aten = torch.ops.aten
 # matmuls differ in the last bit. So is the all-reduce of the global load-balancing counts
 # (aux_loss_scope: global): recomputed, it would be a second blocking collective per MoE layer
 # inside backward (torchtitan keeps its collectives too). "selective" also keeps attention (the
-# costliest op to redo).
+# costliest op to redo): SDPA's kernels, and FlexAttention (block_causal on a GPU), a higher-order
+# op that the checkpoint policy sees as itself (torchtitan keeps it the same way).
 _KEEP_ALWAYS = {_aten.topk.default, torch.ops._c10d_functional.all_reduce.default}
 _KEEP_SELECTIVE = _KEEP_ALWAYS | {
     getattr(_aten, name).default
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(_aten, name)
-}  # fmt: skip
+} | ({torch._higher_order_ops.flex_attention} if hasattr(torch._higher_order_ops, "flex_attention") else set())  # fmt: skip
 
 
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
