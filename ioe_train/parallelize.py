@@ -37,7 +37,9 @@ _KEEP_SELECTIVE = _KEEP_ALWAYS | {
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(_aten, name)
-} | ({torch._higher_order_ops.flex_attention} if hasattr(torch._higher_order_ops, "flex_attention") else set())  # fmt: skip
+}  # fmt: skip
+if hasattr(torch._higher_order_ops, "flex_attention"):
+    _KEEP_SELECTIVE.add(torch._higher_order_ops.flex_attention)
 
 
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:

@@ -8,7 +8,9 @@ FLOPs per token (the MFU numerator, model FLOPs: recomputation is not counted):
   6 x active parameters (forward + backward of every weight a token uses; the tied output
   projection once) + causal attention 6 * L * D * S (QK^T and AV over the S / 2 keys a causal
   kernel visits on average: half of PaLM's 12 * L * D * S, which counts the masked half too)
-  + what a router adds (IoE's merges: Router.extra_flops_per_token).
+  + what a router adds (IoE's merges: Router.extra_flops_per_token). block_causal attention
+  visits only its own document's keys, sum n^2 / 2 over documents of n tokens (`visible_keys`):
+  the budget keeps causal's count as its upper bound, and the trainer's MFU uses each step's own.
 
 Memory per rank, in bytes (each term is a row of the printed table):
   sharded state   16 P / W: fp32 parameters, fp32 gradients, AdamW's two fp32 moments; P / W
@@ -40,6 +42,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 
 from ioe_train.config import TrainConfig
 from ioe_train.devices import BY_KEY
@@ -71,10 +74,32 @@ def flops_per_token(model: Decoder, seq_len: int) -> float:
     return model_budget(model, seq_len).flops_per_token
 
 
+def attention_flops_per_token(arch: Arch, keys_per_token: float) -> float:
+    """Training FLOPs per token of attention over `keys_per_token` keys on average: QK^T and AV
+    (2 x 2 x heads x head_dim per key) forward, x 3 with backward, in each of the L blocks."""
+    return 12.0 * arch.num_layers * arch.num_heads * (arch.dim // arch.num_heads) * keys_per_token
+
+
+def visible_keys(doc_start: Tensor) -> Tensor:
+    """The (query, key) pairs block-causal attention computes: sum over documents of n^2 / 2
+    (a whole window is causal's S^2 / 2, the budget's S / 2 keys per token).
+
+    doc_start: [B, S] bool, True where a document begins (position 0 always). Returns a float64
+    scalar tensor (summed over micro-batches and ranks by the trainer, no host sync here).
+    """
+    b, s = doc_start.shape
+    offset = torch.arange(b, device=doc_start.device)[:, None] * s  # [B, 1]: documents of row i
+    doc = doc_start.long().cumsum(dim=1) - 1 + offset  # [B, S] a distinct id per document
+    n = torch.bincount(doc.flatten(), minlength=b * s).double()  # [B * S] tokens per document
+    return (n * n).sum() / 2
+
+
 def model_budget(model: Decoder, seq_len: int) -> Budget:
     arch = model.arch
     total, active = count_params(model)
-    attention = 6.0 * arch.num_layers * arch.num_heads * (arch.dim // arch.num_heads) * seq_len
+    # causal: S / 2 keys per token; block_causal visits fewer (`visible_keys`, counted per step by
+    # the trainer), so this is its upper bound
+    attention = attention_flops_per_token(arch, seq_len / 2)
     extra = 0.0
     for module in model.modules():
         if isinstance(module, MoE):

@@ -167,3 +167,17 @@ def test_headroom_is_named_rows_and_json_keys_that_decide_the_fit():
     assert cpu.runtime_reserve_gib == 0  # host memory: no device context or NCCL buffers
     out = json.loads(CliRunner().invoke(main, ["plan", str(REAL), "--nproc-per-node", "16", "--json"]).output)
     assert {"fragmentation_gib", "runtime_reserve_gib", "required_gib_per_rank"} <= out.keys()
+
+
+def test_block_causal_attention_flops_count_the_keys_of_each_document():
+    from ioe_train.model import document_starts
+    from ioe_train.plan import attention_flops_per_token, visible_keys
+
+    # one window of 8: documents of 3 and 5 tokens (EOS = 9 ends the first); one of 8 tokens
+    tokens = torch.tensor([[1, 2, 9, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]])
+    keys = visible_keys(document_starts(tokens, 9))  # sum over documents of n^2 / 2
+    assert keys.item() == (3**2 + 5**2) / 2 + 8**2 / 2
+    arch = Arch(vocab_size=97, num_layers=2, dim=64, num_heads=4, num_kv_heads=2, hidden_dim=192, max_seq_len=8)
+    # causal: S / 2 keys per token, the budget's attention term
+    assert attention_flops_per_token(arch, 8 / 2) == 6 * 2 * 64 * 8
+    assert attention_flops_per_token(arch, keys.item() / 16) == 12 * 2 * 64 * (17 + 32) / 16

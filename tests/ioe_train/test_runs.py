@@ -103,10 +103,10 @@ def _train_tool_runs(rank, world, train_dir, val_dir, root):
     from ioe_train.train import train
 
     for name, (config, extra) in TOOL_RUNS.items():
-        cfg = load_config(CONFIGS / config, [f"data.train_dirs=[{train_dir}]", f"data.val_dirs=[{val_dir}]",
-                                             "steps=2", "micro_batch_size=2", "eval.interval=2", "eval.max_batches=2",
-                                             "checkpoint.interval=2", "logging.tensorboard=false",
-                                             "logging.expert_interval=0", f"output_dir={root}/{name}", *extra])  # fmt: skip
+        overrides = [f"data.train_dirs=[{train_dir}]", f"data.val_dirs=[{val_dir}]", "steps=2", "micro_batch_size=2",
+                     "eval.interval=2", "eval.max_batches=2", "checkpoint.interval=2", "logging.tensorboard=false",
+                     "logging.expert_interval=0", f"output_dir={root}/{name}", *extra]  # fmt: skip
+        cfg = load_config(CONFIGS / config, overrides)
         train(cfg, rank, world, 0)
 
 

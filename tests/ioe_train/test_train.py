@@ -278,3 +278,28 @@ def test_hsdp_2x2_trains_like_fsdp_1x4(shards, tmp_path):
     for key in ("loss/ce", "loss/aux", "grad_norm"):  # aux: the expert counts reduce over all 4 ranks
         # the gradient sums run in another order (2 + 2 instead of 4): the last bits may differ
         assert [r[key] for r in hsdp] == pytest.approx([r[key] for r in fsdp], rel=1e-5), key
+
+
+def _block_causal_keys(rank, world, train_dir, out):
+    from ioe_train.model import document_starts
+    from ioe_train.plan import visible_keys
+
+    cfg = load_config(CONFIG, small(train_dir, out, f"grad_accum_steps={A}", "model.attention=block_causal",
+                                    "model.vocab_size=512", "model.eos_id=7"))  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    init_weights(model)
+    model = parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, 12, (B, S + 1), generator=gen) for _ in range(A)]  # id 7: ~1 EOS in 12
+    mine = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in batches]
+    r = train_mod.train_step(model, iter(mine), cfg, torch.device("cpu"), want_experts=False)
+    keys = sum(visible_keys(document_starts(t[:, :-1], 7)) for t in batches)
+    assert 0 < keys.item() < A * B * S * S / 2
+    assert r.attention_keys_per_token == pytest.approx(keys.item() / (A * B * S))  # one rank: its own
+    causal = load_config(CONFIG, small(train_dir, out))
+    assert train_mod.train_step(model, iter(mine), causal, torch.device("cpu"), False).attention_keys_per_token == S / 2
+
+
+def test_block_causal_steps_report_the_keys_their_documents_attend_to(shards, tmp_path):
+    run_distributed(_block_causal_keys, str(shards[0]), str(tmp_path), world_size=1)
