@@ -303,3 +303,25 @@ def _block_causal_keys(rank, world, train_dir, out):
 
 def test_block_causal_steps_report_the_keys_their_documents_attend_to(shards, tmp_path):
     run_distributed(_block_causal_keys, str(shards[0]), str(tmp_path), world_size=1)
+
+
+def _gathered_after_forward(rank, world):
+    cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0", "model.vocab_size=512",
+                               "model.num_layers=4"])  # fmt: skip
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(rank))
+    gathered = {}
+    for reshard in (True, False):
+        cfg.parallel.reshard_after_forward = reshard
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        init_weights(model)
+        parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+        ce, router_loss, aux_loss = model(tokens[:, :-1], tokens[:, 1:])
+        gathered[reshard] = sum(b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in model.layers)
+        (ce + router_loss + aux_loss).backward()
+    # ioe-train plan counts 2 gathered blocks (the running and the prefetched one), or all of them
+    assert gathered == {True: 1, False: 4}  # at the end of forward: the last block / every block
+
+
+def test_blocks_stay_gathered_after_forward_as_the_planner_counts():
+    run_distributed(_gathered_after_forward)
