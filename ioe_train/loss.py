@@ -54,7 +54,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     A chunk's logits are freed before the next one is made, so backward has no logits to reuse:
     instead forward also computes dL/dh and dL/dW (softmax - one_hot, two more matmuls, the same
     three matmuls as plain autograd; Liger-Kernel's fused linear cross-entropy does the same), and
-    backward scales them by the incoming gradient. dL/dW accumulates in fp32 across chunks.
+    backward scales them by the incoming gradient, in fp32 (the trainer's 1 / (A * B * S) is rarely a
+    power of two). dL/dW accumulates in fp32 across chunks.
     """
 
     @staticmethod
@@ -85,7 +86,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_total: Tensor):
         grad_h, grad_w, w_dtype = ctx.grads
         ctx.grads = None  # freed with this backward (ctx lives as long as the graph)
-        grad_h = grad_h.mul_(grad_total.to(grad_h.dtype)) if grad_h is not None else None
+        if grad_h is not None and grad_h.dtype != torch.float32:
+            # The scale in fp32, one rounding after: 1/24576 rounded to bf16 is 1.0019x too large.
+            grad_h = (grad_h.float() * grad_total).to(grad_h.dtype)
+        elif grad_h is not None:
+            grad_h = grad_h.mul_(grad_total)
         grad_w = grad_w.mul_(grad_total).to(w_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None
 

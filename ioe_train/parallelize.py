@@ -29,7 +29,8 @@ _aten = torch.ops.aten
 # matmuls differ in the last bit. So is the all-reduce of the global load-balancing counts
 # (aux_loss_scope: global): recomputed, it would be a second blocking collective per MoE layer
 # inside backward (torchtitan keeps its collectives too). "selective" also keeps attention (the
-# costliest op to redo).
+# costliest op to redo): SDPA's kernels, and FlexAttention (block_causal on a GPU), a higher-order
+# op that the checkpoint policy sees as itself (torchtitan keeps it the same way).
 _KEEP_ALWAYS = {_aten.topk.default, torch.ops._c10d_functional.all_reduce.default}
 _KEEP_SELECTIVE = _KEEP_ALWAYS | {
     getattr(_aten, name).default
@@ -37,6 +38,8 @@ _KEEP_SELECTIVE = _KEEP_ALWAYS | {
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     if hasattr(_aten, name)
 }  # fmt: skip
+if hasattr(torch._higher_order_ops, "flex_attention"):
+    _KEEP_SELECTIVE.add(torch._higher_order_ops.flex_attention)
 
 
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
@@ -59,13 +62,18 @@ def _checkpointed(block: nn.Module, mode: str) -> nn.Module:
 
 
 def expert_placement(mesh_size: int, param: nn.Parameter) -> Shard:
-    """Shard experts [E, ., .] along their largest dim when E < ranks.
+    """Where experts [E, ., .] are sharded over `mesh_size` ranks: dim 0 when E divides evenly,
+    else their largest dim that does, else dim 0 padded.
 
     fully_shard's default Shard(0) would give 8 experts on 16 ranks one row each and leave half
-    the ranks holding padding only (no memory saved there, no work balanced).
+    the ranks holding padding only (no memory saved there, no work balanced). FSDP2 pads only
+    dim 0, so another dim must divide: at 24 ranks none of Qwen2.5-0.5B's (896, 2432, 4864) does,
+    and 8 experts go to 8 of the 24 ranks (ceil(E / ranks) experts each; plan.py counts that).
     """
-    if param.ndim >= 2 and param.shape[0] < mesh_size:
-        return Shard(max(range(param.ndim), key=lambda d: (param.shape[d], -d)))
+    if param.ndim >= 2 and param.shape[0] % mesh_size:
+        even = [d for d in range(1, param.ndim) if param.shape[d] % mesh_size == 0]
+        if even:
+            return Shard(max(even, key=lambda d: (param.shape[d], -d)))
     return Shard(0)
 
 
@@ -76,6 +84,18 @@ def _placement_fn(model: nn.Module, mesh_size: int):
         return expert_placement(mesh_size, param) if id(param) in expert_params else Shard(0)
 
     return place
+
+
+def shard_numel(model: nn.Module, mesh_size: int) -> int:
+    """Parameter elements one rank holds once `model` is sharded over `mesh_size` ranks: each
+    parameter as `parallelize` places it, padded as FSDP2 pads it (ceil(n / ranks) of its sharded
+    dim's n rows on every rank). `ioe-train plan` counts sharded state with this."""
+    place = _placement_fn(model, mesh_size)
+    total = 0
+    for p in model.parameters():
+        rows = p.shape[place(p).dim] if p.ndim else 1
+        total += -(-rows // mesh_size) * (p.numel() // max(rows, 1))
+    return total
 
 
 def set_global_counts(model: nn.Module, mesh: DeviceMesh) -> None:

@@ -8,12 +8,17 @@ FLOPs per token (the MFU numerator, model FLOPs: recomputation is not counted):
   6 x active parameters (forward + backward of every weight a token uses; the tied output
   projection once) + causal attention 6 * L * D * S (QK^T and AV over the S / 2 keys a causal
   kernel visits on average: half of PaLM's 12 * L * D * S, which counts the masked half too)
-  + what a router adds (IoE's merges: Router.extra_flops_per_token).
+  + what a router adds (IoE's merges: Router.extra_flops_per_token). block_causal attention
+  visits only its own document's keys, sum n^2 / 2 over documents of n tokens (`visible_keys`):
+  the budget keeps causal's count as its upper bound, and the trainer's MFU uses each step's own.
 
 Memory per rank, in bytes (each term is a row of the printed table):
-  sharded state   16 P / W: fp32 parameters, fp32 gradients, AdamW's two fp32 moments
+  sharded state   16 P / W: fp32 parameters, fp32 gradients, AdamW's two fp32 moments; P / W
+                  per parameter as parallelize.py shards it, with FSDP2's padding where the
+                  sharded dim does not divide by W (8 experts on 24 ranks: 1 expert per rank)
   unsharded       FSDP2 all-gathers in the parameter dtype: the root (embedding / output, kept
-                  for the whole step) and two blocks (the one running and the one prefetched);
+                  for the whole step) and two blocks (the one running and the one prefetched),
+                  or all L blocks with `parallel.reshard_after_forward: false`;
                   in backward also their unsharded gradients and, with bf16 parameters, the
                   fp32 copies that are reduce-scattered
   activations     what autograd keeps per block per token (below), x L blocks x T
@@ -23,9 +28,13 @@ Memory per rank, in bytes (each term is a row of the printed table):
                   checkpointing), gradient temporaries, IoE's merged experts
 The per-block activation bytes were read off autograd's saved tensors (torch 2.13, torchtune
 0.6.1; tests/ioe_train/test_plan.py checks them against a real block in fp32 and bf16).
-The peak is the larger of the end of forward and the backward of the last block. A device
-"fits" a plan whose peak is at most FIT_FRACTION of its memory: the rest is left for the
-allocator's fragmentation and the runtime's own buffers (CUDA/HIP context, NCCL/RCCL).
+The peak is the larger of the end of forward and the backward of the last block. Beyond it:
+  fragmentation   FRAGMENTATION x the peak: blocks the caching allocator holds but cannot reuse
+                  (its size rounding and split blocks)
+  runtime reserve RUNTIME_RESERVE_GIB per GPU rank, 0 on CPU: the CUDA/HIP context (kernels,
+                  cuBLAS/hipBLASLt workspaces) and NCCL/RCCL's channel buffers
+A device "fits" a plan whose peak + fragmentation + runtime reserve ("required") is at most its
+memory. Both allowances are estimates, not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -33,14 +42,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 
 from ioe_train.config import TrainConfig
 from ioe_train.devices import BY_KEY
 from ioe_train.model import Arch, Decoder, build_model, count_params
 from ioe_train.moe import ROUTERS, IoERouter, MoE, MoEConfig, TopKRouter
+from ioe_train.parallelize import shard_numel
 
-FIT_FRACTION = 0.9
 GIB = 2**30
+# Of the tensors' peak: the caching allocator's reserved-but-unusable blocks (an estimate).
+FRAGMENTATION = 0.10
+# Per GPU rank, GiB: a CUDA/HIP context with its BLAS workspaces (~0.5) and the collective
+# library's channel buffers (~0.5: NCCL_BUFFSIZE 4 MiB x send/recv x up to 64 channels/peers).
+RUNTIME_RESERVE_GIB = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,10 +74,32 @@ def flops_per_token(model: Decoder, seq_len: int) -> float:
     return model_budget(model, seq_len).flops_per_token
 
 
+def attention_flops_per_token(arch: Arch, keys_per_token: float) -> float:
+    """Training FLOPs per token of attention over `keys_per_token` keys on average: QK^T and AV
+    (2 x 2 x heads x head_dim per key) forward, x 3 with backward, in each of the L blocks."""
+    return 12.0 * arch.num_layers * arch.num_heads * (arch.dim // arch.num_heads) * keys_per_token
+
+
+def visible_keys(doc_start: Tensor) -> Tensor:
+    """The (query, key) pairs block-causal attention computes: sum over documents of n^2 / 2
+    (a whole window is causal's S^2 / 2, the budget's S / 2 keys per token).
+
+    doc_start: [B, S] bool, True where a document begins (position 0 always). Returns a float64
+    scalar tensor (summed over micro-batches and ranks by the trainer, no host sync here).
+    """
+    b, s = doc_start.shape
+    offset = torch.arange(b, device=doc_start.device)[:, None] * s  # [B, 1]: documents of row i
+    doc = doc_start.long().cumsum(dim=1) - 1 + offset  # [B, S] a distinct id per document
+    n = torch.bincount(doc.flatten(), minlength=b * s).double()  # [B * S] tokens per document
+    return (n * n).sum() / 2
+
+
 def model_budget(model: Decoder, seq_len: int) -> Budget:
     arch = model.arch
     total, active = count_params(model)
-    attention = 6.0 * arch.num_layers * arch.num_heads * (arch.dim // arch.num_heads) * seq_len
+    # causal: S / 2 keys per token; block_causal visits fewer (`visible_keys`, counted per step by
+    # the trainer), so this is its upper bound
+    attention = attention_flops_per_token(arch, seq_len / 2)
     extra = 0.0
     for module in model.modules():
         if isinstance(module, MoE):
@@ -144,11 +181,14 @@ class Plan:
     activation_checkpointing: str
     replicate_degree: int  # HSDP replicas (parallel.replicate_degree); parameters shard over W / it
     memory_gib: dict[str, float]  # per rank, by component (module docstring)
-    peak_gib_per_rank: float
+    peak_gib_per_rank: float  # of the tensors
+    fragmentation_gib: float  # FRAGMENTATION x the peak
+    runtime_reserve_gib: float  # context and collective buffers (0 on CPU)
+    required_gib_per_rank: float  # peak + fragmentation + runtime reserve: what must fit
     device: str
     device_gib: float
     fits: bool
-    max_micro_batch_size: int  # the largest that fits device_gib * FIT_FRACTION (0: none)
+    max_micro_batch_size: int  # the largest whose requirement fits device_gib (0: none)
     mfu: float
     step_time_s: float | None  # at `mfu` of the device's peak bf16 FLOP/s (None on CPU: no peak)
     tokens_per_s: float | None
@@ -170,13 +210,17 @@ def memory_per_rank(cfg: TrainConfig, model: Decoder, shard: int, a: int, micro_
     recompute = 0.0 if ac == "none" else tokens * activation_bytes_per_token(arch, moe, a, "none")
     ce_kept = v * d * 4 + tokens * d * a  # dL/dW fp32 and dL/dh, forward to backward
     ce_chunk = chunk * v * (8 + (2 * a if a != 4 else 0)) + v * d * (a + reduce_copy)
-    unsharded = root * a + 2 * layer * a
+    # Gathered blocks: the running one and the prefetched one, or with reshard_after_forward
+    # false every block, each kept from its forward to its backward.
+    gathered = 2 if cfg.parallel.reshard_after_forward else arch.num_layers
+    unsharded = root * a + min(gathered, arch.num_layers) * layer * a
     backward = root * a + layer * (a + reduce_copy) + recompute + _backward_work_bytes(arch, moe, a, tokens)
-    state = 16 * total / shard  # fp32 parameters, gradients, AdamW's two moments
+    sharded = shard_numel(model, shard)  # total / shard, plus FSDP2's padding of uneven shards
+    state = 16 * sharded  # fp32 parameters, gradients, AdamW's two moments
     rows = {
-        "sharded parameters (fp32)": 4 * total / shard,
-        "gradients (fp32, sharded)": 4 * total / shard,
-        "optimizer states (AdamW, fp32)": 8 * total / shard,
+        "sharded parameters (fp32)": 4 * sharded,
+        "gradients (fp32, sharded)": 4 * sharded,
+        "optimizer states (AdamW, fp32)": 8 * sharded,
         "unsharded parameters (FSDP)": unsharded,
         "activations": acts,
         "output + loss": ce_kept + ce_chunk,
@@ -212,9 +256,17 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
     mp = cfg.parallel.mixed_precision
     a = 2 if mp == "bf16" or (mp == "auto" and device != "cpu") else 4
     gib = device_gib if device_gib is not None else BY_KEY[device].memory_gib
-    mem = memory_per_rank(cfg, model, shard, a, cfg.micro_batch_size)
-    limit = FIT_FRACTION * gib * GIB
-    fitting = _largest(lambda b: memory_per_rank(cfg, model, shard, a, b)["peak"] <= limit)
+    reserve = RUNTIME_RESERVE_GIB * GIB if device != "cpu" else 0.0
+
+    def required(micro_batch: int) -> dict[str, float]:
+        rows = memory_per_rank(cfg, model, shard, a, micro_batch)
+        rows["fragmentation allowance"] = FRAGMENTATION * rows["peak"]
+        rows["runtime reserve (context, NCCL/RCCL)"] = reserve
+        rows["required"] = rows["peak"] + rows["fragmentation allowance"] + reserve
+        return rows
+
+    mem = required(cfg.micro_batch_size)
+    fitting = _largest(lambda b: required(b)["required"] <= gib * GIB)
     tokens = world * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
     peak_flops = BY_KEY[device].bf16_flops if device != "cpu" else None
     step = budget.flops_per_token * tokens / (world * peak_flops * mfu) if peak_flops else None
@@ -225,7 +277,9 @@ def plan(cfg: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, device: str
         tokens_per_step=tokens, param_dtype="bf16" if a == 2 else "fp32",
         activation_checkpointing=cfg.parallel.activation_checkpointing, replicate_degree=replicas,
         memory_gib={k: v / GIB for k, v in mem.items()}, peak_gib_per_rank=mem["peak"] / GIB,
-        device=device, device_gib=gib, fits=mem["peak"] <= FIT_FRACTION * gib * GIB,
+        fragmentation_gib=mem["fragmentation allowance"] / GIB, runtime_reserve_gib=reserve / GIB,
+        required_gib_per_rank=mem["required"] / GIB, device=device, device_gib=gib,
+        fits=mem["required"] <= gib * GIB,
         max_micro_batch_size=fitting, mfu=mfu, step_time_s=step, tokens_per_s=tokens / step if step else None,
     )  # fmt: skip
 
@@ -258,9 +312,8 @@ def format_plan(p: Plan) -> str:
         f"memory per rank at micro-batch {p.micro_batch_size} (GiB):",
     ]  # fmt: skip
     for key, value in p.memory_gib.items():
-        lines.append(f"  {key:<34} {value:8.2f}")
-    lines.append(f"  -> {fit} in {FIT_FRACTION:.0%} of {p.device_gib:g} GiB; largest micro-batch that fits: "
-                 f"{p.max_micro_batch_size}")  # fmt: skip
+        lines.append(f"  {key:<36} {value:8.2f}")
+    lines.append(f"  -> {fit} in {p.device_gib:g} GiB; largest micro-batch that fits: {p.max_micro_batch_size}")
     if p.step_time_s is not None:
         lines.append(f"step time at {p.mfu:.0%} MFU: {p.step_time_s:.2f} s ({p.tokens_per_s / 1e3:,.0f}k tokens/s "
                      f"over {p.world_size} ranks)")  # fmt: skip

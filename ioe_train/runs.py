@@ -17,6 +17,7 @@ import torch
 from ioe_train.checkpoint import checkpoint_steps, read_model_state
 from ioe_train.config import ConfigError, TrainConfig, load_config
 from ioe_train.model import Decoder, build_model
+from ioe_train.moe import use_local_counts
 
 
 class RunError(ValueError):
@@ -57,11 +58,13 @@ def load_model(run_dir: Path) -> tuple[Decoder, TrainConfig, int]:
     code): {"model": state_dict, "model_config": plain dict, "step": int}. This project's older
     export (a ModelConfig dataclass inside) fails that load; then the checkpoint, which the
     trainer always writes at the same last step, is read instead. The model comes from
-    config.yaml either way.
+    config.yaml either way; with `aux_loss_scope: global` its load-balancing counts are this
+    process's (no other ranks to sum over).
     """
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     model = build_model(cfg.model)
+    use_local_counts(model)
     steps = checkpoint_steps(run_dir / "checkpoints")
     final = run_dir / "final" / "model.pt"
     if final.is_file():

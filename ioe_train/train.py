@@ -29,11 +29,11 @@ from ioe_train.evaluate import loss_sums, losses_from_sums
 from ioe_train.lock import run_dir_lock
 from ioe_train.loss import microbatch_loss, total_loss
 from ioe_train.metrics import MetricsLogger, format_line, memory_gib
-from ioe_train.model import build_model, count_params, expert_stats, init_weights
+from ioe_train.model import build_model, count_params, document_starts, expert_stats, init_weights
 from ioe_train.moe import balances_from_load, update_router_biases
 from ioe_train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ioe_train.parallelize import copy_full_tensors, data_parallel_mesh, parallelize
-from ioe_train.plan import flops_per_token
+from ioe_train.plan import attention_flops_per_token, model_budget, visible_keys
 from ioe_train.upcycle import load_dense, upcycle, upcycle_check
 
 
@@ -51,6 +51,8 @@ class StepResult:
     finite: bool
     expert_load: np.ndarray | None  # [L, E] summed over micro-batches and ranks, when asked
     router_entropy: np.ndarray | None  # [L] mean over micro-batches and ranks
+    # keys attention visited per label token (plan.visible_keys): S / 2 causal, fewer block-causal
+    attention_keys_per_token: float = 0.0
 
 
 def select_device(choice: str, local_rank: int) -> torch.device:
@@ -102,7 +104,8 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
     """A forward/backward passes, the reductions and clipping; leaves the gradients for the update."""
     a = cfg.grad_accum_steps
     tokens_per_rank_step = a * cfg.micro_batch_size * cfg.data.seq_len
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce_sum, aux, router
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce_sum, aux, router, attention keys
+    block_causal = cfg.model.attention == "block_causal"
     load = entropy = None
     for i in range(a):
         batch = next(batches)
@@ -115,7 +118,8 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
         # replicas (the nodes) once per step, after the last one. A no-op on a 1-D mesh.
         model.set_requires_all_reduce(i == a - 1)
         loss.backward()
-        sums += torch.stack([ce_sum.detach(), aux_loss.detach(), router_loss.detach()]).double()
+        keys = visible_keys(document_starts(inputs, cfg.model.eos_id)) if block_causal else sums.new_zeros(())
+        sums += torch.stack([ce_sum.detach(), aux_loss.detach(), router_loss.detach(), keys]).double()
         stats = expert_stats(model) if want_experts else {}
         if stats:
             load = stats["tokens_per_expert"] + (0 if load is None else load)
@@ -136,7 +140,8 @@ def train_step(model: nn.Module, batches: Iterator[Batch], cfg: TrainConfig, dev
         entropy_np = packed[-layers:].cpu().numpy() / (a * world)
     else:
         load_np = entropy_np = None
-    return StepResult(ce, aux, router, total, grad_norm, finite, load_np, entropy_np)
+    keys = sums[3].item() / (tokens_per_rank_step * world) if block_causal else cfg.data.seq_len / 2
+    return StepResult(ce, aux, router, total, grad_norm, finite, load_np, entropy_np, keys)
 
 
 def evaluate(model: nn.Module, eval_set: EvalSet, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -204,7 +209,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
     log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step)
     if rank == 0:
         (out / "config.yaml").write_text(cfg.to_yaml())
-    fpt = flops_per_token(model, cfg.data.seq_len)
+    budget = model_budget(model, cfg.data.seq_len)
+    fpt_beside_attention = budget.flops_per_token - budget.attention_flops_per_token
     peak = peak_flops(device)
     log.line(f"{cfg.model.name}: {total_params / 1e6:.1f}M parameters, {active_params / 1e6:.1f}M active "
              f"per token; {world_size} ranks on {device.type}; "
@@ -220,7 +226,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
     load_every_step = balances_from_load(model)
     batches = iter(loader)
     metrics: dict[str, float] = {}
-    timer, timed_tokens = time.perf_counter(), 0
+    timer, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
     while step < cfg.steps:
         step += 1
         log_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
@@ -245,6 +251,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         timed_tokens += tokens_per_step
+        fpt = fpt_beside_attention + attention_flops_per_token(model.arch, r.attention_keys_per_token)
+        timed_flops += fpt * tokens_per_step
 
         if step % cfg.logging.interval == 0 or step == cfg.steps:
             if device.type == "cuda":
@@ -254,10 +262,10 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
                        "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": timed_tokens / elapsed,
                        "memory_gib": memory_gib(device), "skipped_steps": skipped}  # fmt: skip
             if peak:
-                metrics["mfu"] = fpt * metrics["tokens_per_s"] / (peak * world_size)
+                metrics["mfu"] = timed_flops / elapsed / (peak * world_size)
             log.scalars(step, metrics)
             log.line(format_line(step, cfg.steps, metrics))
-            timer, timed_tokens = time.perf_counter(), 0
+            timer, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
         if log_experts and r.expert_load is not None:
             log.experts(step, r.expert_load, r.router_entropy)
         if eval_set is not None and (step % cfg.eval.interval == 0 or step == cfg.steps):
@@ -266,12 +274,12 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
             log.line(f"step {step}/{cfg.steps} | val loss {val['val/loss']:.4f} | " + ", ".join(
                 f"{k.split('/', 2)[2]} {v:.3f}" for k, v in val.items() if k.count("/") == 2))
             metrics.update(val)
-            timer, timed_tokens = time.perf_counter(), 0  # evaluation time is not training throughput
+            timer, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0  # evaluation time is not training throughput
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.steps:
             state = {"scheduler": scheduler.state_dict(), "skipped_steps": skipped}
             path = ckpt.save(step, model, optimizer, state, loader.state_dict())
             log.line(f"step {step}/{cfg.steps} | checkpoint {path}")
-            timer, timed_tokens = time.perf_counter(), 0
+            timer, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
 
     if cfg.checkpoint.export_final:
         final = out / "final" / "model.pt"

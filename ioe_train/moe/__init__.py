@@ -2,7 +2,7 @@
 
 from ioe_train.moe.config import MoEConfig
 from ioe_train.moe.experts import Experts, expert_path
-from ioe_train.moe.layer import MoE, balances_from_load, swiglu_mlp, update_router_biases
+from ioe_train.moe.layer import MoE, balances_from_load, swiglu_mlp, update_router_biases, use_local_counts
 from ioe_train.moe.losses import ReduceFn, entropy, load_balancing_loss, z_loss
 from ioe_train.moe.router import (
     ROUTERS,
@@ -34,5 +34,6 @@ __all__ = [
     "load_balancing_loss",
     "swiglu_mlp",
     "update_router_biases",
+    "use_local_counts",
     "z_loss",
 ]

@@ -6,8 +6,8 @@ M merged experts (IoE segments), L rows per merged expert.
 Two exact paths compute the expert-sorted rows (they agree to fp32 rounding, see tests):
 - "grouped": torch._grouped_mm over all experts (one call for gate+up, one for down).
 - "loop": one plain matmul per expert on its contiguous slice of the sorted rows (a loop over E
-  experts, never over tokens). It needs the per-expert counts on the host (a sync, and a graph
-  break under torch.compile).
+  experts, never over tokens). It needs the per-expert counts on the host (a sync); under
+  torch.compile it runs as one custom op (`expert_loop`), so the sync breaks no graph.
 
 `_grouped_mm` is only fast where PyTorch has a grouped-GEMM kernel: CUDA SM90/SM100 (H100, B200)
 in bf16, and ROCm gfx942/gfx950 (MI300, MI350) built with CK. Everywhere else on a GPU (A100,
@@ -111,6 +111,8 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's group
             h = swiglu(torch._grouped_mm(x, self.w_gate_up, offs=offs))  # [N, H]
             return torch._grouped_mm(h, self.w_down, offs=offs)  # [N, D]
+        if torch.compiler.is_compiling():  # the host sync inside one opaque op: no graph break
+            return expert_loop(x, self.w_gate_up, self.w_down, counts)[0]
         chunks = x.split(counts.tolist())  # host sync
         out = [swiglu(xe @ self.w_gate_up[e]) @ self.w_down[e] for e, xe in enumerate(chunks)]
         return torch.cat(out)  # [N, D]
@@ -123,6 +125,67 @@ class Experts(nn.Module):
         kept for backward: `chunk` groups are merged at a time and re-merged in backward.
         """
         return _MergedSwiGLU.apply(x, weights, self.w_gate_up, self.w_down, chunk)
+
+
+@torch.library.custom_op("ioe_train::expert_loop", mutates_args=())
+def expert_loop(x: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """The "loop" path as one op that torch.compile does not trace into: its per-expert slices
+    need `counts` on the host, a graph break that under activation checkpointing would leave the
+    whole block eager. x: [N, D] sorted by expert, counts: [E]. Returns (out [N, D], the gate/up
+    projection [N, 2H], kept for backward)."""
+    sizes = counts.tolist()  # host sync
+    gate_up = torch.cat([xe @ w_gate_up[e] for e, xe in enumerate(x.split(sizes))])  # [N, 2H]
+    out = torch.cat([he @ w_down[e] for e, he in enumerate(swiglu(gate_up).split(sizes))])  # [N, D]
+    return out, gate_up
+
+
+@expert_loop.register_fake
+def _(x: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(x.shape[0], w_gate_up.shape[2])
+
+
+@torch.library.custom_op("ioe_train::expert_loop_backward", mutates_args=())
+def expert_loop_backward(grad_out: Tensor, x: Tensor, gate_up: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                         counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of `expert_loop` (x, w_gate_up, w_down), expert by expert; an expert without
+    rows gets zero gradients."""
+    sizes = counts.tolist()  # host sync
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, H] each
+    sig = torch.sigmoid(gate)
+    act = gate * sig  # silu(gate)
+    grad_x, grad_gu, grad_d = torch.empty_like(x), torch.zeros_like(w_gate_up), torch.zeros_like(w_down)
+    a = 0
+    for e, n in enumerate(sizes):
+        rows = slice(a, a + n)
+        a += n
+        if n == 0:
+            continue
+        dy, h = grad_out[rows], act[rows] * up[rows]  # [n, D], [n, H]
+        grad_d[e] = h.t() @ dy  # [H, D]
+        dh = dy @ w_down[e].t()  # [n, H]
+        # h = silu(gate) * up; silu'(z) = sig(z) * (1 + z * (1 - sig(z)))
+        d_gate_up = torch.cat([dh * up[rows] * sig[rows] * (1 + gate[rows] * (1 - sig[rows])), dh * act[rows]], -1)
+        grad_gu[e] = x[rows].t() @ d_gate_up  # [D, 2H]
+        grad_x[rows] = d_gate_up @ w_gate_up[e].t()  # [n, D]
+    return grad_x, grad_gu, grad_d
+
+
+@expert_loop_backward.register_fake
+def _(grad_out, x, gate_up, w_gate_up, w_down, counts):
+    return torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down)
+
+
+def _expert_loop_setup(ctx, inputs, output) -> None:
+    x, w_gate_up, w_down, counts = inputs
+    ctx.save_for_backward(x, output[1], w_gate_up, w_down, counts)
+
+
+def _expert_loop_grad(ctx, grad_out: Tensor, grad_gate_up: Tensor):
+    grads = expert_loop_backward(grad_out, *ctx.saved_tensors)
+    return *grads, None
+
+
+expert_loop.register_autograd(_expert_loop_grad, setup_context=_expert_loop_setup)
 
 
 class _MergedSwiGLU(torch.autograd.Function):

@@ -75,6 +75,19 @@ class MoE(nn.Module):
         return routed
 
 
+def use_local_counts(model: nn.Module) -> None:
+    """Let every global-scope MoE layer of `model` without an all-reduce count this process's
+    tokens only: a model run without a process group (eval, sample) then works for any scope.
+    The trainer never calls this: there a missing all-reduce stays an error."""
+    for module in model.modules():
+        if isinstance(module, MoE) and module.reduce_counts is None:
+            module.reduce_counts = _local_counts
+
+
+def _local_counts(counts: Tensor) -> Tensor:
+    return counts
+
+
 def balances_from_load(model: nn.Module) -> bool:
     """Whether a router of `model` needs each step's expert load (`update_router_biases`)."""
     return any(isinstance(m, MoE) and isinstance(m.router, TopKBiasRouter) for m in model.modules())

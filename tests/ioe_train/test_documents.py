@@ -134,3 +134,33 @@ def test_flex_attention_block_mask_equals_each_document_alone():
 def test_config_rejects_bad_document_options(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, ["data.train_dirs=[x]", "eval.interval=0", override])
+
+
+def test_selective_checkpointing_keeps_block_causal_attention():
+    """Under selective AC attention is saved, not recomputed, for either block-causal kernel:
+    FlexAttention (GPU; its backward does not run on CPU, so only the policy is checked here) and
+    SDPA with the dense mask (CPU: counted, one call per block over forward and backward)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ioe_train.parallelize import _KEEP_SELECTIVE, _checkpointed, _keep_policy
+
+    flex = torch._higher_order_ops.flex_attention
+    assert _keep_policy(_KEEP_SELECTIVE, None, flex) == CheckpointPolicy.MUST_SAVE
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is sdpa
+            return func(*args, **(kwargs or {}))
+
+    model = seeded(MODELS["tiny_moe"])
+    for i, block in enumerate(model.layers):
+        model.layers[i] = _checkpointed(block, "selective")
+    tokens = torch.cat(documents([6, 10], seed=3))[None]
+    with Count():
+        ce, router_loss, aux_loss = model(tokens[:, :-1], tokens[:, 1:])
+        (ce + router_loss + aux_loss).backward()
+    assert Count.calls == len(model.layers)

@@ -157,6 +157,49 @@ def test_blocks_compile_without_graph_breaks(router):
         torch.testing.assert_close(got, want)
 
 
+# Every expert path, in the dtype it compiles in on CPU: "grouped" needs bf16 under compile.
+EXPERT_PATHS = {
+    "topk_loop": (MoEConfig(num_experts=4, top_k=2, grouped_mm="loop"), torch.float32),
+    "topk_grouped": (MoEConfig(num_experts=4, top_k=2, grouped_mm="grouped"), torch.bfloat16),
+    "ioe": (MoEConfig(num_experts=4, router="ioe", ioe_segment_len=4), torch.float32),
+    "dense": (None, torch.float32),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # bf16 RMSNorm on CPU
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("path", list(EXPERT_PATHS))
+def test_every_expert_path_compiles_each_block_whole_under_checkpointing(path, checkpointing):
+    """As parallelize.py wraps blocks (checkpointing, then compile): one graph per block, no graph
+    break, forward + backward (aot_eager: inductor's C++ builds are minutes on 2 cores). The
+    loop path's host sync lives in one opaque op; traced, it broke the graph (and under
+    checkpointing left the block eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from ioe_train.parallelize import _checkpointed
+
+    moe, dtype = EXPERT_PATHS[path]
+    model = seeded_tiny(moe).to(dtype) if moe else seeded_tiny(None).to(dtype)
+    compiled, counter = copy.deepcopy(model), CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for i, block in enumerate(compiled.layers):
+        block = _checkpointed(block, checkpointing) if checkpointing != "none" else block
+        block.compile(backend=counter)
+        compiled.layers[i] = block
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for m in (model, compiled):
+        ce, router_loss, aux_loss = m(tokens[:, :-1], tokens[:, 1:])
+        (ce + router_loss + aux_loss).backward()
+        results.append((ce.detach(), [p.grad.float() for p in m.parameters()]))
+    assert counter.frame_count == 1 and sum(counters["graph_break"].values()) == 0  # the 2 blocks share one
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("router", sorted(ROUTER_CFGS))
 def test_model_is_causal(router):
     model = seeded_tiny(ROUTER_CFGS[router]).eval()

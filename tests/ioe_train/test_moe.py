@@ -58,16 +58,16 @@ def grads(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [x.grad] + [p.grad for p in module.parameters()]
 
 
-@pytest.mark.parametrize("path", ["grouped", "loop"])
+@pytest.mark.parametrize("path", ["grouped", "loop", "loop compiled"])
 @pytest.mark.parametrize("num_experts,top_k,shared,renormalize", [(4, 2, 0, True), (8, 2, 12, False), (8, 3, 0, True)])
 def test_expert_paths_match_naive_reference(path, num_experts, top_k, shared, renormalize):
-    moe = make_moe(
-        num_experts=num_experts, top_k=top_k, shared_expert_hidden_dim=shared, renormalize=renormalize, grouped_mm=path
-    )
+    moe = make_moe(num_experts=num_experts, top_k=top_k, shared_expert_hidden_dim=shared, renormalize=renormalize,
+                   grouped_mm=path.split()[0])  # fmt: skip
     x = torch.randn(2, 3, D, requires_grad=True)  # 6 tokens x K slots: some experts get none
     target = torch.randn(2, 3, D)
 
-    out, _, _ = moe(x)
+    # compiled, the loop is one op (experts.expert_loop) with its own backward
+    out, _, _ = torch.compile(moe, backend="aot_eager", fullgraph=True)(x) if "compiled" in path else moe(x)
     (out * target).sum().backward()
     got = grads(moe, x)
 
@@ -78,6 +78,12 @@ def test_expert_paths_match_naive_reference(path, num_experts, top_k, shared, re
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, grads(moe, x)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_loop_op_registration():
+    x, counts = torch.randn(7, D), torch.tensor([3, 0, 4])  # expert 1 without rows
+    w_gu, w_d = torch.randn(3, D, 2 * H, requires_grad=True), torch.randn(3, H, D, requires_grad=True)
+    torch.library.opcheck(experts_module.expert_loop, (x.requires_grad_(), w_gu, w_d, counts))
 
 
 def test_topk_selection_and_weights_by_hand():

@@ -100,3 +100,63 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_padding_ids_are_never_drawn
     p = torch.tensor([2.0, 1.0, 0.0, -1.0]).softmax(-1)  # 0.64, 0.24, 0.09, 0.03
     torch.testing.assert_close(probs, torch.tensor([p[0], p[1], 0, 0, 0]) / (p[0] + p[1]))
     assert next_token_probs(logits, 0.0, 1.0, allowed=4).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def _train_tool_runs(rank, world, train_dir, val_dir, root):
+    from ioe_train.train import train
+
+    for name, (config, extra) in TOOL_RUNS.items():
+        overrides = [f"data.train_dirs=[{train_dir}]", f"data.val_dirs=[{val_dir}]", "steps=2", "micro_batch_size=2",
+                     "eval.interval=2", "eval.max_batches=2", "checkpoint.interval=2", "logging.tensorboard=false",
+                     "logging.expert_interval=0", f"output_dir={root}/{name}", *extra]  # fmt: skip
+        cfg = load_config(CONFIGS / config, overrides)
+        train(cfg, rank, world, 0)
+
+
+# Routers and load-balancing scopes the post-training tools must read back (the shipped config
+# balances over all ranks' tokens: aux_loss_scope global).
+TOOL_RUNS = {
+    "topk_global": ("proxy_topk.yaml", ["model.moe.aux_loss_scope=global"]),
+    "topk_bias": ("proxy_topk_bias.yaml", []),
+}
+
+
+@pytest.fixture(scope="module")
+def tool_runs(domain_shards, tmp_path_factory) -> Path:
+    """Output dirs of 2-step trainings (checkpoint and final/model.pt at step 2) per TOOL_RUNS."""
+    from tests.distributed import run_distributed
+
+    root = tmp_path_factory.mktemp("tool_runs")
+    run_distributed(_train_tool_runs, str(domain_shards[0]), str(domain_shards[1]), str(root), world_size=1)
+    return root
+
+
+@pytest.mark.parametrize("name", list(TOOL_RUNS))
+def test_eval_sample_compare_and_export_read_runs_of_every_router_and_scope(tool_runs, domain_shards, tmp_path, name):
+    run = tool_runs / name
+    model, cfg, step = load_model(run)
+    assert step == 2 and model.layers[0].mlp.cfg.router == cfg.model.moe.router  # what was trained
+    cli = CliRunner()
+    result = cli.invoke(ioe_train, ["eval", str(run), "--data", str(domain_shards[1]), "--json"])
+    assert result.exit_code == 0, result.output
+    val = windows(domain_shards[1])
+    with torch.no_grad():
+        logits, _, _ = model(val[:, :-1])  # a global-scope model counts this process's tokens
+    want = F.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).item()
+    assert json.loads(result.output)["val/loss"] == pytest.approx(want, rel=1e-5)
+
+    result = cli.invoke(ioe_train, ["sample", str(run), "--prompt", " the film", "--tokens", "4", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(" the film")
+
+    result = cli.invoke(ioe_train, ["compare", str(run), str(tool_runs / "topk_global"), "--json"])
+    assert result.exit_code == 0, result.output
+
+    result = cli.invoke(ioe_train, ["export", str(run), "--step", "2", "--output", str(tmp_path / "hf")])
+    if cfg.model.moe.router == "topk":
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "hf" / "model.safetensors").is_file()
+    else:  # Qwen2MoE has no selection bias: refused in one line, pointing at the raw weights
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+        assert "'topk_bias'" in result.output and "final/model.pt" in result.output
+        assert not (tmp_path / "hf").exists()

@@ -19,7 +19,7 @@ from ioe_train.config import ConfigError, load_config
 from ioe_train.loss import token_ce_sum
 from ioe_train.model import build_model, init_weights
 from ioe_train.moe import Experts
-from ioe_train.parallelize import data_parallel_mesh, parallelize
+from ioe_train.parallelize import data_parallel_mesh, parallelize, shard_numel
 from tests.distributed import run_distributed
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
@@ -31,15 +31,17 @@ def small(train_dir: str, out: str, *extra: str) -> list[str]:
             f"micro_batch_size={B}", f"output_dir={out}", "logging.interval=1", *extra]  # fmt: skip
 
 
-def _loss_and_grads_match_reference(rank, world, train_dir, out, checkpointing):
+def _loss_and_grads_match_reference(rank, world, train_dir, out, checkpointing, *extra):
     w = 0.5
     cfg = load_config(CONFIG, small(train_dir, out, f"grad_accum_steps={A}", f"load_balancing_loss_weight={w}",
                                     "optim.max_grad_norm=0",
-                                    f"parallel.activation_checkpointing={checkpointing}"))  # fmt: skip
+                                    f"parallel.activation_checkpointing={checkpointing}", *extra))  # fmt: skip
     torch.manual_seed(0)
     ref = build_model(cfg.model)
     init_weights(ref)
     model = parallelize(copy.deepcopy(ref), cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    if rank == 0:  # rank 0 holds full-size shards: the planner's per-rank count, padding included
+        assert sum(p.to_local().numel() for p in model.parameters()) == shard_numel(ref, world)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 151_000, (B, S + 1), generator=gen) for _ in range(world * A)]  # rank-major
     mine = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in batches[rank * A : (rank + 1) * A]]
@@ -70,6 +72,26 @@ def _loss_and_grads_match_reference(rank, world, train_dir, out, checkpointing):
 @pytest.mark.parametrize("checkpointing", ["none", "selective"])
 def test_loss_composition_and_gradients_match_single_process(shards, tmp_path, checkpointing):
     run_distributed(_loss_and_grads_match_reference, str(shards[0]), str(tmp_path), checkpointing)
+
+
+@pytest.mark.parametrize("num_experts", [2, 8])
+def test_three_ranks_train_like_one_process_whatever_divides(shards, tmp_path, num_experts):
+    # 2 experts [2, 64, 128] / [2, 64, 64] on 3 ranks: no dim divides by 3 (nor does the 151,936-row
+    # embedding); 8 experts: 3 + 3 + 2 on the expert dim.
+    run_distributed(_loss_and_grads_match_reference, str(shards[0]), str(tmp_path), "none",
+                    f"model.moe.num_experts={num_experts}", "model.moe.top_k=1", world_size=3)  # fmt: skip
+
+
+def _three_rank_run(rank, world, train_dir, out):
+    cfg = load_config(CONFIG, small(train_dir, out, "steps=2", "checkpoint.interval=1", "model.moe.num_experts=2",
+                                    "model.moe.top_k=1", "model.moe.aux_loss_scope=global"))  # fmt: skip
+    train_mod.train(cfg, rank, world, rank)
+
+
+def test_a_three_rank_run_with_two_experts_trains_and_checkpoints(shards, tmp_path):
+    run_distributed(_three_rank_run, str(shards[0]), str(tmp_path / "run"), world_size=3)
+    assert (tmp_path / "run" / "checkpoints" / "step_000002").is_dir()
+    assert (tmp_path / "run" / "final" / "model.pt").is_file()
 
 
 class _CountAllReduces(TorchDispatchMode):
@@ -288,3 +310,50 @@ def test_hsdp_2x2_trains_like_fsdp_1x4(shards, tmp_path):
     for key in ("loss/ce", "loss/aux", "grad_norm"):  # aux: the expert counts reduce over all 4 ranks
         # the gradient sums run in another order (2 + 2 instead of 4): the last bits may differ
         assert [r[key] for r in hsdp] == pytest.approx([r[key] for r in fsdp], rel=1e-5), key
+
+
+def _block_causal_keys(rank, world, train_dir, out):
+    from ioe_train.model import document_starts
+    from ioe_train.plan import visible_keys
+
+    cfg = load_config(CONFIG, small(train_dir, out, f"grad_accum_steps={A}", "model.attention=block_causal",
+                                    "model.vocab_size=512", "model.eos_id=7"))  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    init_weights(model)
+    model = parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, 12, (B, S + 1), generator=gen) for _ in range(A)]  # id 7: ~1 EOS in 12
+    mine = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in batches]
+    r = train_mod.train_step(model, iter(mine), cfg, torch.device("cpu"), want_experts=False)
+    keys = sum(visible_keys(document_starts(t[:, :-1], 7)) for t in batches)
+    assert 0 < keys.item() < A * B * S * S / 2
+    assert r.attention_keys_per_token == pytest.approx(keys.item() / (A * B * S))  # one rank: its own
+    causal = load_config(CONFIG, small(train_dir, out))
+    assert train_mod.train_step(model, iter(mine), causal, torch.device("cpu"), False).attention_keys_per_token == S / 2
+
+
+def test_block_causal_steps_report_the_keys_their_documents_attend_to(shards, tmp_path):
+    run_distributed(_block_causal_keys, str(shards[0]), str(tmp_path), world_size=1)
+
+
+def _gathered_after_forward(rank, world):
+    cfg = load_config(CONFIG, ["data.train_dirs=[x]", "data.val_dirs=[]", "eval.interval=0", "model.vocab_size=512",
+                               "model.num_layers=4"])  # fmt: skip
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(rank))
+    gathered = {}
+    for reshard in (True, False):
+        cfg.parallel.reshard_after_forward = reshard
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        init_weights(model)
+        parallelize(model, cfg.parallel, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+        ce, router_loss, aux_loss = model(tokens[:, :-1], tokens[:, 1:])
+        gathered[reshard] = sum(b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in model.layers)
+        (ce + router_loss + aux_loss).backward()
+    # ioe-train plan counts 2 gathered blocks (the running and the prefetched one), or all of them
+    assert gathered == {True: 1, False: 4}  # at the end of forward: the last block / every block
+
+
+def test_blocks_stay_gathered_after_forward_as_the_planner_counts():
+    run_distributed(_gathered_after_forward)
