@@ -118,7 +118,9 @@ def router_label(cfg: TrainConfig) -> str:
     elif moe.router.startswith("topk"):
         label = f"{moe.router} ({moe.top_k} of {moe.num_experts})"
     elif moe.router == "ioe":
-        label = f"ioe ({moe.num_experts}, L {moe.ioe_segment_len}{', doc reset' if moe.ioe_document_reset else ''})"
+        extras = [f"L {moe.ioe_segment_len}"] + ["doc reset"] * moe.ioe_document_reset
+        extras += [f"init {moe.ioe_expert_init}"] * (moe.ioe_expert_init != "sqrt_e")
+        label = f"ioe ({moe.num_experts}, {', '.join(extras)})"
     else:
         label = f"{moe.router} ({moe.num_experts})"
     if cfg.data.packing != "stream":

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ioe_train.cli import main as ioe_train
-from ioe_train.compare import compare_runs, run_budget, write_comparison
+from ioe_train.compare import compare_runs, router_label, run_budget, write_comparison
 from ioe_train.config import load_config
 from ioe_train.metrics import MetricsLogger, expert_summary
 from ioe_train.runs import RunError
@@ -245,3 +245,12 @@ def test_protocol_differences_are_flagged_not_refused(tmp_path, domain_shards):
     assert "**Protocol differences**" in md and "| eval.per_document | false | false | false | true | false |" in md
     assert "| block | 0, 1 | +0.0000 | 0.0000 | [+0.0000, +0.0000] | not distinguishable at n = 2 | – " \
            "| model.attention: causal → block_causal |" in md
+
+
+def test_router_labels_name_what_is_not_the_default():
+    def label(*overrides):
+        return router_label(load_config(CONFIGS / "proxy_ioe.yaml", list(overrides)))
+
+    assert label() == "ioe (16, L 16)"
+    assert label("model.moe.ioe_document_reset=true", "model.moe.ioe_expert_init=unit",
+                 "data.packing=by_source") == "ioe (16, L 16, doc reset, init unit) · by_source"  # fmt: skip
