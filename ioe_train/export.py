@@ -26,14 +26,12 @@ from ioe_train.checkpoint import checkpoint_steps, read_model_state
 from ioe_train.config import ConfigError, DataConfig, TrainConfig, load_config
 from ioe_train.model import Arch, ModelConfig, build_model
 from ioe_train.moe import MoE, MoEConfig
+from ioe_train.export_tokenizer import write_tokenizer
 from pile_prep.tokenizer import DEFAULT_TOKENIZER, NUM_BASE_TOKENS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # transformers' own default shard size: one file up to 5 GB (Qwen2.5-0.5B in fp32 is 2 GB).
 MAX_SHARD_BYTES = 5 * 10**9
-# The Qwen2.5 tokenizer files a Hugging Face model directory carries, where present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")  # fmt: skip
 # Qwen2MoE always builds a shared expert: a run without one gets a width-1 all-zero expert
 # (contributes exactly 0; width 0 would be an empty tensor some loaders reject).
 _NO_SHARED_WIDTH = 1
@@ -80,7 +78,8 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:  # fmt: skip
     """Write `run_dir`'s final weights (or checkpoint `step`) to the new directory `output`:
     config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index past
-    `max_shard_bytes`), generation_config.json, the tokenizer files or a README.md on adding them.
+    `max_shard_bytes`), generation_config.json, the data's tokenizer (ioe_train/export_tokenizer.py)
+    and a README.md. Every file mode 0644.
 
     Written to a temporary sibling and renamed: `output` is complete or absent. Returns `output`.
     """
@@ -108,8 +107,12 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
         _write_safetensors(tmp, tensors, max_shard_bytes)
-        copied = _copy_tokenizer(spec, tmp)
-        (tmp / "README.md").write_text(_readme(run_dir, step, config, spec, copied))
+        has_tokenizer = _has_tokenizer(spec)
+        if has_tokenizer:
+            write_tokenizer(spec, eos_id, model.arch.max_seq_len, tmp)
+        (tmp / "README.md").write_text(_readme(run_dir, step, config, spec, has_tokenizer))
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600: a shared group must read the export
         if output.is_dir():
             output.rmdir()  # empty (checked above)
         os.replace(tmp, output)
@@ -274,31 +277,23 @@ def _data_tokenizer(data: DataConfig) -> tuple[str | None, int]:
     return (name[3:] if name.startswith("hf:") else name), tok["eos_id"]
 
 
-def _copy_tokenizer(spec: str | None, directory: Path) -> list[str]:
-    """Copy the tokenizer files next to the tokenizer `spec` names; [] if it names none on disk."""
-    if spec is None or spec == DEFAULT_TOKENIZER or not Path(spec).exists():
-        return []
-    src = Path(spec) if Path(spec).is_dir() else Path(spec).parent
-    copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-    for f in copied:
-        shutil.copyfile(src / f, directory / f)
-    return copied
+def _has_tokenizer(spec: str | None) -> bool:
+    """Whether the tokenizer the run's data names is here to export: bundled or still on disk."""
+    return spec is not None and (spec == DEFAULT_TOKENIZER or Path(spec).exists())
 
 
-def _readme(run_dir: Path, step: int, config: dict[str, Any], spec: str | None, copied: list[str]) -> str:
+def _readme(run_dir: Path, step: int, config: dict[str, Any], spec: str | None, has_tokenizer: bool) -> str:
     lines = [f"# {config['architectures'][0]} exported by `ioe-train export`", "",
              f"Run: `{run_dir}`, step {step}, weights in {config['torch_dtype']}.", ""]  # fmt: skip
-    if copied:
-        lines += [f"Tokenizer files copied from `{spec}`: {', '.join(copied)}."]
+    if has_tokenizer:
+        lines += [f"Tokenizer: `{spec}`, the one the training data was tokenized with (tokenizer.json, "
+                  "tokenizer_config.json, special_tokens_map.json). Literal added-token strings such as "
+                  "`<|endoftext|>` inside a text are encoded as text (`split_special_tokens`), as in "
+                  "training."]  # fmt: skip
     else:
-        why = (f"the run's data was tokenized with the bundled `{spec}` vocabulary (no Hugging Face files)"
-               if spec == DEFAULT_TOKENIZER else f"the run's tokenizer `{spec}` was not found")  # fmt: skip
-        lines += [
-            f"No tokenizer files: {why}. The token ids are Qwen2.5's; add its tokenizer with",
-            "",
-            "    huggingface-cli download Qwen/Qwen2.5-0.5B tokenizer.json tokenizer_config.json \\",
-            "        vocab.json merges.txt --local-dir THIS_DIR",
-        ]
+        where = f"`{spec}`, which was not found" if spec else "a tokenizer this export could not find"
+        lines += [f"No tokenizer files: the run's data names {where} (its shard manifest.json moved?). Export "
+                  "again where the data's manifest.json and tokenizer are readable."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

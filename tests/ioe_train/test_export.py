@@ -79,7 +79,6 @@ def test_export_loads_in_transformers_with_our_logits(runs, tmp_path, name):
         theirs = hf.eval()(tokens).logits
     torch.testing.assert_close(theirs, _logits_ours(runs / name, tokens), rtol=0, atol=1e-5)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 151_643
-    assert "huggingface-cli download Qwen/Qwen2.5-0.5B" in (out / "README.md").read_text()  # bundled tokenizer
 
 
 def test_export_of_a_checkpoint_equals_the_final_weights(runs, tmp_path):
@@ -113,25 +112,62 @@ def test_ioe_router_is_refused_pointing_at_the_raw_weights(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_tokenizer_files_named_by_the_data_are_copied(runs, tmp_path):
-    tok = tmp_path / "qwen_tok"
-    tok.mkdir()
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        (tok / f).write_text(f"{f} contents")
-    data = tmp_path / "shards"
-    data.mkdir()
-    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"name": f"hf:{tok}", "eos_id": 151_645}}))
+def _documents(raw: Path) -> list[str]:
+    import zstandard
+
+    texts = []
+    for path in sorted(raw.glob("*.jsonl.zst")):
+        with open(path, "rb") as f:
+            lines = zstandard.ZstdDecompressor().stream_reader(f).read().decode().splitlines()
+        texts += [json.loads(line)["text"] for line in lines if line]
+    return texts
+
+
+def _auto_tokenizer(export: Path):
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a file missing from the export must fail, not download
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(export)
+
+
+def test_bundled_tokenizer_exports_with_pile_preps_ids(runs, tmp_path):
+    from pile_prep.sample import write_sample_corpus
+    from pile_prep.tokenizer import QWEN2_5_SPECIAL_TOKENS, load_tokenizer
+
+    out = export_hf(runs / "topk", tmp_path / "hf")  # data tokenized with the bundled qwen2.5
+    assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: "0o644" for p in out.iterdir()}
+    assert "huggingface-cli" not in (out / "README.md").read_text()
+    theirs, ours = _auto_tokenizer(out), load_tokenizer("qwen2.5")
+    assert len(theirs) == 151_665 and theirs.eos_token == theirs.pad_token == "<|endoftext|>"
+    assert theirs.eos_token_id == theirs.pad_token_id == 151_643
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|endoftext|>"
+    docs = _documents(write_sample_corpus(tmp_path / "raw", num_files=1, docs_per_file=40)[0].parent)
+    literal = "x" + "a ".join(QWEN2_5_SPECIAL_TOKENS) + " Hello world\r\n\n  naïve cafe\u0301 123456"
+    for text in [*docs, literal, "<|endoftext|>", "<tool_call>", " the film"]:
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text), text[:80]
+    assert theirs.decode(ours.encode(docs[0])) == docs[0]
+
+
+def test_word_tokenizer_of_the_domains_proxy_exports_complete(runs, domain_shards, tmp_path):
+    from pile_prep.tokenizer import load_tokenizer
+
+    raw = domain_shards[0].parent / "raw"
     run = tmp_path / "run"
     run.mkdir()
-    cfg = load_config(runs / "dense" / "config.yaml", [f"data.train_dirs=[{data}]"])
+    cfg = load_config(runs / "topk" / "config.yaml", [f"data.train_dirs=[{domain_shards[0]}]"])
     (run / "config.yaml").write_text(cfg.to_yaml())
-    (run / "final").symlink_to(runs / "dense" / "final")
-
+    (run / "final").symlink_to(runs / "topk" / "final")
     out = export_hf(run, tmp_path / "hf")
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        assert (out / f).read_text() == f"{f} contents"
-    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 151_645
-    assert "huggingface-cli" not in (out / "README.md").read_text()
+
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 128  # the word tokenizer's EOS
+    theirs, ours = _auto_tokenizer(out), load_tokenizer(str(raw / "tokenizer.json"))
+    assert len(theirs) == 129 and theirs.eos_token_id == theirs.pad_token_id == 128
+    for text in [*_documents(raw)[:200], " the film", " the <|endoftext|> film"]:
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text), text[:80]
+    assert theirs.encode(" the film", add_special_tokens=False)  # not []
 
 
 def test_checkpoint_that_does_not_match_the_config_is_one_line(runs, tmp_path):
