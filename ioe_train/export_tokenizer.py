@@ -14,15 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pile_prep.tokenizer import DEFAULT_TOKENIZER, hf_tokenizer_json
+from pile_prep.tokenizer import DEFAULT_TOKENIZER
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_tokenizer(spec: str, eos_id: int, max_length: int, directory: Path) -> None:
-    """Write FILES for the tokenizer `spec` (`qwen2.5` or an existing tokenizer path) into
-    `directory`: EOS = pad = the token of `eos_id` (the id the data ends documents with)."""
-    text = hf_tokenizer_json(spec)
+def write_tokenizer(text: str, spec: str, eos_id: int, max_length: int, directory: Path) -> None:
+    """Write FILES for the tokenizer `spec` (`qwen2.5` or an existing tokenizer path), whose
+    tokenizer.json is `text` (`hf_tokenizer_json(spec)`), into `directory`: EOS = pad = the token
+    of `eos_id` (the id the data ends documents with)."""
     (directory / "tokenizer.json").write_text(text, encoding="utf-8")
     eos = _token_of(json.loads(text), eos_id)
     config = _source_config(spec)
