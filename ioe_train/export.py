@@ -199,7 +199,7 @@ def custom_config(cfg: ModelConfig, arch: Arch, moe: MoEConfig | None, eos_id: i
     if moe is not None:
         config.update({
             "num_experts": moe.num_experts,
-            "top_k": moe.top_k,
+            "num_experts_per_tok": moe.top_k,
             "expert_hidden_dim": moe.expert_hidden_dim,
             "shared_expert_hidden_dim": moe.shared_expert_hidden_dim,
             "renormalize": moe.renormalize,

@@ -16,7 +16,7 @@ class IoeConfig(PretrainedConfig):
     def __init__(self, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, attention="causal", router="dense", num_experts=8,
-                 top_k=2, expert_hidden_dim=0, shared_expert_hidden_dim=0, renormalize=True, ioe_segment_len=64,
+                 num_experts_per_tok=2, expert_hidden_dim=0, shared_expert_hidden_dim=0, renormalize=True, ioe_segment_len=64,
                  ioe_document_reset=False, ioe_merge_chunk=16, eos_token_id=151643, bos_token_id=None,
                  **kwargs):  # fmt: skip
         if router not in ROUTERS:
@@ -33,7 +33,7 @@ class IoeConfig(PretrainedConfig):
         self.attention = attention  # "causal" | "block_causal" (a token sees its own document only)
         self.router = router
         self.num_experts = num_experts  # E
-        self.top_k = top_k  # K (topk, topk_bias)
+        self.num_experts_per_tok = num_experts_per_tok  # K (topk, topk_bias); not `top_k`, a generation setting
         self.expert_hidden_dim = expert_hidden_dim  # H
         self.shared_expert_hidden_dim = shared_expert_hidden_dim  # 0 = no shared expert
         self.renormalize = renormalize  # topk, K > 1: gate weights rescaled to sum to 1

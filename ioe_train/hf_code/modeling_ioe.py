@@ -120,11 +120,11 @@ class MoE(nn.Module):
         x = x.reshape(b * s, d)  # [T, D]
         probs = F.linear(x.float(), self.router.gate.weight.float()).softmax(dim=-1)  # [T, E]
         if self.cfg.router == "topk_bias":  # the bias picks the experts, the unbiased probs weigh them
-            indices = (probs + self.router.expert_bias).topk(self.cfg.top_k, dim=-1).indices  # [T, K]
+            indices = (probs + self.router.expert_bias).topk(self.cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
             weights = probs.gather(-1, indices)
         else:
-            weights, indices = probs.topk(self.cfg.top_k, dim=-1)  # [T, K]
-        if self.cfg.renormalize and self.cfg.top_k > 1:
+            weights, indices = probs.topk(self.cfg.num_experts_per_tok, dim=-1)  # [T, K]
+        if self.cfg.renormalize and self.cfg.num_experts_per_tok > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
         for e in range(self.cfg.num_experts):

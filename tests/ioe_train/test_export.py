@@ -273,6 +273,11 @@ def test_every_router_exports_with_our_logits(router_exports, tmp_path, name):
     with torch.no_grad():
         theirs = hf.eval()(tokens).logits
     torch.testing.assert_close(theirs, _logits_ours(out.parent / name, tokens), rtol=0, atol=1e-5)
+    greedy = tokens[1:, :6]
+    for _ in range(3):  # our model's greedy continuation
+        greedy = torch.cat([greedy, _logits_ours(out.parent / name, greedy)[:, -1:].argmax(-1)], dim=1)
+    generated = hf.generate(tokens[1:, :6], max_new_tokens=3, do_sample=False)  # stops early at EOS
+    assert generated.shape[1] > 6 and torch.equal(generated, greedy[:, : generated.shape[1]])
 
 
 TASK = """task: tiny_mc
