@@ -10,6 +10,7 @@ loaded first, then the file's keys override it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -208,6 +209,31 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
         _fail(key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _field_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass: `optim.lr`, `model.moe.router`, ..."""
+    paths = []
+    for name, f in cls.__dataclass_fields__.items():
+        inner = f.default_factory if callable(f.default_factory) and hasattr(f.default_factory, "__dataclass_fields__") else None
+        paths += _field_paths(inner, f"{prefix}{name}.") if inner else [f"{prefix}{name}"]
+    return paths
+
+
+def _hint(key: str) -> str:
+    """A did-you-mean over every level of TrainConfig for an unknown `key`, or how to write a
+    mapping entry when `key` looks like YAML flow syntax without the space (`{Books3:1.5}`)."""
+    if ":" in key:
+        head, _, value = key.partition(":")
+        mapping, _, name = head.rpartition(".")
+        return f" (a mapping entry is `{mapping}.{name}={value}`, or `{mapping}={{{name}: {value}}}` with a space)"
+    paths = _field_paths(TrainConfig)
+    if key in paths:
+        return ""
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, [p.rsplit(".", 1)[-1] for p in paths], n=3, cutoff=0.75)
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] in close and p != key]
+    return f"; did you mean {' or '.join(matches[:3])}?" if matches else ""
+
+
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     if path in seen:
         raise ConfigError(f"base: {path} includes itself")
@@ -233,7 +259,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {getattr(e, 'msg', str(e)).splitlines()[0]}") from None
+        why, hint = getattr(e, "msg", str(e)).splitlines()[0], _hint(key)
+        raise ConfigError(f"{key}: {why.split(' Did you mean')[0].rstrip('.') if hint else why}{hint}") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as e:  # the model's own __post_init__ checks
