@@ -11,6 +11,7 @@ loaded first, then the file's keys override it.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,10 +109,22 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Optional Weights & Biases logging (`pip install wandb`) next to TensorBoard."""
+
+    project: str | None = None  # W&B project; None: no W&B
+    mode: str = "online"  # "online" | "offline" (synced later with `wandb sync`)
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 10  # steps between log lines / TensorBoard scalars
     expert_interval: int = 100  # steps between expert-load histograms and heatmaps; 0: never
-    tensorboard: bool = True  # write output_dir/tb
+    tensorboard: bool = True  # write output_dir/tb (with the resolved config as text and hparams)
+    # One chart per layer and expert; None: only up to 64 layer-experts (the heatmap and per-layer
+    # summaries are always written).
+    per_expert_scalars: bool | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -156,6 +169,9 @@ class TrainConfig:
                 ("none", "selective", "full"))  # fmt: skip
         _choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("device", self.device, ("auto", "cuda", "cpu"))
+        _choice("logging.wandb.mode", self.logging.wandb.mode, ("online", "offline"))
+        if self.logging.wandb.project is not None and importlib.util.find_spec("wandb") is None:
+            _fail("logging.wandb.project", "needs the wandb package: pip install wandb (or ioe-pretrain[wandb])")
         for key, value, low in (
             ("data.seq_len", self.data.seq_len, 1),
             ("data.num_workers", self.data.num_workers, 0),

@@ -201,9 +201,12 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
         loader.load_state_dict(data_state)
         step, skipped = state["step"], state["skipped_steps"]
     tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
-    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step)
+    wandb = asdict(cfg.logging.wandb) if cfg.logging.wandb.project else None
+    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step,
+                        per_expert_scalars=cfg.logging.per_expert_scalars, wandb=wandb)  # fmt: skip
     if rank == 0:
         (out / "config.yaml").write_text(cfg.to_yaml())
+        log.config(cfg.to_yaml(), asdict(cfg))
     fpt = flops_per_token(model, cfg.data.seq_len)
     peak = peak_flops(device)
     log.line(f"{cfg.model.name}: {total_params / 1e6:.1f}M parameters, {active_params / 1e6:.1f}M active "
@@ -221,6 +224,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
     batches = iter(loader)
     metrics: dict[str, float] = {}
     timer, timed_tokens = time.perf_counter(), 0
+    started, first_step = timer, step  # elapsed and ETA: this process's wall clock, resumed steps excluded
     while step < cfg.steps:
         step += 1
         log_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
@@ -256,7 +260,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
             if peak:
                 metrics["mfu"] = fpt * metrics["tokens_per_s"] / (peak * world_size)
             log.scalars(step, metrics)
-            log.line(format_line(step, cfg.steps, metrics))
+            wall = time.perf_counter() - started
+            log.line(format_line(step, cfg.steps, metrics, wall, wall / (step - first_step) * (cfg.steps - step)))
             timer, timed_tokens = time.perf_counter(), 0
         if log_experts and r.expert_load is not None:
             log.experts(step, r.expert_load, r.router_entropy)

@@ -49,6 +49,7 @@ def test_base_file_is_merged_first(tmp_path):
         (["model.dim=0"], r"^model\.dim: must be >= 1"),
         (["model.num_layers=0"], r"^model\.num_layers: must be >= 1"),
         (["lr"], r"^lr: an override is key=value"),
+        (["logging.wandb.mode=cloud"], r"^logging\.wandb\.mode: 'cloud' is not one of 'online', 'offline'"),
         (["lr=1e-3"], r"^lr: Key 'lr' not in 'TrainConfig'; did you mean optim\.lr\?$"),
         (["router=ioe"], r"^router: .*; did you mean model\.moe\.router\?$"),
         (["optim.lrr=1e-3"], r"^optim\.lrr: Key 'lrr' not in 'OptimConfig'; did you mean optim\.lr\?$"),
