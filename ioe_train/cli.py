@@ -84,7 +84,7 @@ def export_cmd(run_dir, output, step, fmt, dtype, modeling) -> None:
     from ioe_train.export import ExportError, export_hf
 
     try:
-        path = export_hf(run_dir, output, step=step, dtype=dtype, modeling=modeling)
+        path = export_hf(run_dir, output, step=step, dtype=dtype, modeling=modeling, progress=True)
     except (ExportError, ConfigError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}")

@@ -82,7 +82,7 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str = "float32",
-              max_shard_bytes: int = MAX_SHARD_BYTES, modeling: str = "auto") -> Path:  # fmt: skip
+              max_shard_bytes: int = MAX_SHARD_BYTES, modeling: str = "auto", progress: bool = False) -> Path:  # fmt: skip
     """Write `run_dir`'s final weights (or checkpoint `step`) to the new directory `output`:
     config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index past
     `max_shard_bytes`), generation_config.json, the data's tokenizer (ioe_train/export_tokenizer.py)
@@ -92,8 +92,11 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
     `native_equivalent`), else the self-contained code of ioe_train/hf_code (configuration_ioe.py,
     modeling_ioe.py, `auto_map`: load with trust_remote_code=True); "custom": that code always.
 
-    Written to a temporary sibling and renamed: `output` is complete or absent. Returns `output`.
+    Written to a temporary sibling and renamed: `output` is complete or absent. `progress`: a
+    progress bar of the stages on stderr. Returns `output`.
     """
+    from tqdm import tqdm
+
     run_dir, output = Path(run_dir), Path(output)
     if dtype not in DTYPES:
         raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -103,20 +106,27 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
         raise ExportError(f"{output}: exists and is not empty; choose a new --output")
     run = _run_config(run_dir)
     _check_exportable(run.model, run_dir)  # before reading gigabytes
-    model_cfg, sd, step = read_weights(run_dir, step)
+    model_cfg, sd, step = read_weights(run_dir, step)  # errors before the bar: one line
+    bar = tqdm(total=3, desc=f"export {output.name}", unit="stage", disable=not progress,
+               bar_format="{desc}: {n}/{total}{postfix} [{elapsed}]")  # fmt: skip
     _check_exportable(model_cfg, run_dir)
     with torch.device("meta"):
         model = build_model(model_cfg)
     moe = next((m.cfg for m in model.modules() if isinstance(m, MoE)), None)  # expert_hidden_dim resolved
     spec, eos_id = _data_tokenizer(run.data)
-    tokenizer = hf_tokenizer_json(spec) if _has_tokenizer(spec) else None
+    bar.set_postfix_str(f"tokenizer {spec}")
+    tokenizer = hf_tokenizer_json(spec) if _has_tokenizer(spec) else None  # qwen2.5: ~10 s
+    bar.update()
     if modeling == "auto" and native_equivalent(model_cfg, tokenizer):
         config = hf_config(model.arch, moe, eos_id, dtype, run.load_balancing_loss_weight)
         sd = hf_state_dict(sd, model.arch, moe)
     else:
         config = custom_config(model_cfg, model.arch, moe, eos_id, dtype)
         sd = {f"model.{k}": v for k, v in sd.items()}  # modeling_ioe.py keeps this project's names
+    bar.set_postfix_str(f"converting to {dtype}")
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    bar.update()
+    bar.set_postfix_str(f"writing {output}")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -140,6 +150,9 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
     return output
 
 

@@ -91,6 +91,7 @@ def test_export_of_a_checkpoint_equals_the_final_weights(runs, tmp_path):
     result = CliRunner().invoke(main, ["export", str(run), "--step", str(STEPS), "--output", str(tmp_path / "hf"),
                                        "--dtype", "bfloat16"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "export hf: 3/3, writing" in result.output  # the stages' progress bar, on stderr
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     torch.testing.assert_close(tensors["model.layers.1.mlp.experts.3.down_proj.weight"],
