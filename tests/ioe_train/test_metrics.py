@@ -4,6 +4,7 @@ config in TensorBoard, and Weights & Biases in offline mode."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -77,10 +78,18 @@ def test_wandb_offline_gets_the_scalars_and_the_config(tmp_path, monkeypatch):
     run = log.wandb
     assert run.offline and run.project == "ioe-test" and run.config["optim.lr"] == cfg.optim.lr
     log.close()
+    import wandb
+
+    wandb.teardown()  # the wandb-core service writes the run file; stopping it flushes it
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     assert offline.name.endswith((tmp_path / "wandb_run_id").read_text())  # resumable: the id is kept
     # the run file (protobuf records, read back by `wandb sync`) holds the logged keys and config
-    records = next(offline.glob("*.wandb")).read_bytes()
-    for key in (b"loss/ce", b"experts/max_share", b"experts/load_heatmap", b"optim.lr", b"ioe-test"):
+    keys = (b"loss/ce", b"experts/max_share", b"experts/load_heatmap", b"optim.lr", b"ioe-test")
+    for _ in range(50):  # the service may still be closing the file
+        records = next(offline.glob("*.wandb")).read_bytes()
+        if all(key in records for key in keys):
+            break
+        time.sleep(0.2)
+    for key in keys:
         assert key in records, key
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss/ce"] == 2.5
