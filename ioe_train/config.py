@@ -229,8 +229,9 @@ def _field_paths(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass: `optim.lr`, `model.moe.router`, ..."""
     paths = []
     for name, f in cls.__dataclass_fields__.items():
-        inner = f.default_factory if callable(f.default_factory) and hasattr(f.default_factory, "__dataclass_fields__") else None
-        paths += _field_paths(inner, f"{prefix}{name}.") if inner else [f"{prefix}{name}"]
+        inner = f.default_factory  # a nested config's class, or MISSING / a plain factory
+        nested = hasattr(inner, "__dataclass_fields__")
+        paths += _field_paths(inner, f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
     return paths
 
 

@@ -28,8 +28,9 @@ def write_tokenizer(text: str, spec: str, eos_id: int, max_length: int, director
     config = _source_config(spec)
     config.pop("added_tokens_decoder", None)  # tokenizer.json holds them (all special)
     config.pop("auto_map", None)
+    default_class = "Qwen2Tokenizer" if spec == DEFAULT_TOKENIZER else "PreTrainedTokenizerFast"
     config.update({
-        "tokenizer_class": "Qwen2Tokenizer" if spec == DEFAULT_TOKENIZER else config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+        "tokenizer_class": config.get("tokenizer_class", default_class),
         "eos_token": eos,
         "pad_token": config.get("pad_token") or eos,
         "bos_token": config.get("bos_token"),

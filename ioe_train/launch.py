@@ -59,8 +59,8 @@ def missing_data(cfg: TrainConfig) -> list[str]:
     """`key: path` of every shard directory the config names that does not exist."""
     if cfg.data.source != "memmap":
         return []
-    return [f"{key}: {d}" for key, dirs in (("data.train_dirs", cfg.data.train_dirs), ("data.val_dirs", cfg.data.val_dirs))
-            for d in dirs if not Path(d).is_dir()]  # fmt: skip
+    named = (("data.train_dirs", cfg.data.train_dirs), ("data.val_dirs", cfg.data.val_dirs))
+    return [f"{key}: {d}" for key, dirs in named for d in dirs if not Path(d).is_dir()]
 
 
 def torchrun_command(opts: LaunchOptions) -> list[str]:

@@ -108,7 +108,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_hidden_dim)
-        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_hidden_dim) if cfg.shared_expert_hidden_dim else None
+        shared = cfg.shared_expert_hidden_dim
+        self.shared_expert = SwiGLU(cfg.hidden_size, shared) if shared else None
 
     def forward(self, x: Tensor, doc_start: Tensor | None) -> Tensor:
         out = self.ioe(x, doc_start) if self.cfg.router == "ioe" else self.topk(x)
