@@ -87,12 +87,14 @@ def train_cmd(config, overrides) -> None:
 @click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
               help="hf: a Hugging Face transformers model directory.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-def export_cmd(run_dir, output, step, fmt, dtype) -> None:
+@click.option("--modeling", type=click.Choice(["auto", "custom"]), default="auto", show_default=True,
+              help="auto: Qwen2/Qwen2MoE where they compute the model, else the bundled code (trust_remote_code).")
+def export_cmd(run_dir, output, step, fmt, dtype, modeling) -> None:
     """Export the trained model of RUN_DIR (a run's output_dir) for transformers / vLLM / lm-eval."""
     from ioe_train.export import ExportError, export_hf
 
     try:
-        path = export_hf(run_dir, output, step=step, dtype=dtype)
+        path = export_hf(run_dir, output, step=step, dtype=dtype, modeling=modeling, progress=True)
     except (ExportError, ConfigError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}")

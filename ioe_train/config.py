@@ -10,6 +10,8 @@ loaded first, then the file's keys override it.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,10 +109,22 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Optional Weights & Biases logging (`pip install wandb`) next to TensorBoard."""
+
+    project: str | None = None  # W&B project; None: no W&B
+    mode: str = "online"  # "online" | "offline" (synced later with `wandb sync`)
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 10  # steps between log lines / TensorBoard scalars
     expert_interval: int = 100  # steps between expert-load histograms and heatmaps; 0: never
-    tensorboard: bool = True  # write output_dir/tb
+    tensorboard: bool = True  # write output_dir/tb (with the resolved config as text and hparams)
+    # One chart per layer and expert; None: only up to 64 layer-experts (the heatmap and per-layer
+    # summaries are always written).
+    per_expert_scalars: bool | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -155,6 +169,9 @@ class TrainConfig:
                 ("none", "selective", "full"))  # fmt: skip
         _choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _choice("device", self.device, ("auto", "cuda", "cpu"))
+        _choice("logging.wandb.mode", self.logging.wandb.mode, ("online", "offline"))
+        if self.logging.wandb.project is not None and importlib.util.find_spec("wandb") is None:
+            _fail("logging.wandb.project", "needs the wandb package: pip install wandb (or ioe-pretrain[wandb])")
         for key, value, low in (
             ("data.seq_len", self.data.seq_len, 1),
             ("data.num_workers", self.data.num_workers, 0),
@@ -208,6 +225,32 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
         _fail(key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _field_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass: `optim.lr`, `model.moe.router`, ..."""
+    paths = []
+    for name, f in cls.__dataclass_fields__.items():
+        inner = f.default_factory  # a nested config's class, or MISSING / a plain factory
+        nested = hasattr(inner, "__dataclass_fields__")
+        paths += _field_paths(inner, f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
+    return paths
+
+
+def _hint(key: str) -> str:
+    """A did-you-mean over every level of TrainConfig for an unknown `key`, or how to write a
+    mapping entry when `key` looks like YAML flow syntax without the space (`{Books3:1.5}`)."""
+    if ":" in key:
+        head, _, value = key.partition(":")
+        mapping, _, name = head.rpartition(".")
+        return f" (a mapping entry is `{mapping}.{name}={value}`, or `{mapping}={{{name}: {value}}}` with a space)"
+    paths = _field_paths(TrainConfig)
+    if key in paths:
+        return ""
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, [p.rsplit(".", 1)[-1] for p in paths], n=3, cutoff=0.75)
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] in close and p != key]
+    return f"; did you mean {' or '.join(matches[:3])}?" if matches else ""
+
+
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     if path in seen:
         raise ConfigError(f"base: {path} includes itself")
@@ -233,7 +276,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {getattr(e, 'msg', str(e)).splitlines()[0]}") from None
+        why, hint = getattr(e, "msg", str(e)).splitlines()[0], _hint(key)
+        raise ConfigError(f"{key}: {why.split(' Did you mean')[0].rstrip('.') if hint else why}{hint}") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as e:  # the model's own __post_init__ checks

@@ -4,8 +4,9 @@ L layers, D model dim, V vocabulary, E experts, H expert hidden dim, S shared-ex
 
 Dense runs become `Qwen2ForCausalLM`, top-k MoE runs `Qwen2MoeForCausalLM` (the per-expert
 tensor names Qwen's own MoE releases use, which transformers, vLLM and lm-eval-harness read).
-The logits equal this project's model's (tests/ioe_train/test_export.py). Routers without a
-transformers equivalent (IoE, a user's own) are refused: their weights stay in final/model.pt.
+Every other router (topk_bias, IoE), and models Qwen2 cannot compute (block-causal attention),
+export with the self-contained modeling code of ioe_train/hf_code, loaded with
+`trust_remote_code=True`. The logits equal this project's model's (tests/ioe_train/test_export.py).
 The layout is documented in docs/TRAINING.md#hugging-face-export.
 """
 
@@ -15,6 +16,7 @@ import json
 import os
 import pickle
 import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,17 @@ from ioe_train.checkpoint import checkpoint_steps, read_model_state
 from ioe_train.config import ConfigError, DataConfig, TrainConfig, load_config
 from ioe_train.model import Arch, ModelConfig, build_model
 from ioe_train.moe import MoE, MoEConfig
-from pile_prep.tokenizer import DEFAULT_TOKENIZER, NUM_BASE_TOKENS
+from ioe_train.export_tokenizer import write_tokenizer
+from pile_prep.tokenizer import DEFAULT_TOKENIZER, NUM_BASE_TOKENS, hf_tokenizer_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODELINGS = ("auto", "custom")
+# Routers ioe_train/hf_code/modeling_ioe.py computes (dense models need none).
+CUSTOM_ROUTERS = ("topk", "topk_bias", "ioe")
+# Copied into an export that uses them (`auto_map`).
+CODE_FILES = ("configuration_ioe.py", "modeling_ioe.py")
 # transformers' own default shard size: one file up to 5 GB (Qwen2.5-0.5B in fp32 is 2 GB).
 MAX_SHARD_BYTES = 5 * 10**9
-# The Qwen2.5 tokenizer files a Hugging Face model directory carries, where present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")  # fmt: skip
 # Qwen2MoE always builds a shared expert: a run without one gets a width-1 all-zero expert
 # (contributes exactly 0; width 0 would be an empty tensor some loaders reject).
 _NO_SHARED_WIDTH = 1
@@ -77,28 +82,51 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str = "float32",
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:  # fmt: skip
+              max_shard_bytes: int = MAX_SHARD_BYTES, modeling: str = "auto", progress: bool = False) -> Path:  # fmt: skip
     """Write `run_dir`'s final weights (or checkpoint `step`) to the new directory `output`:
     config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index past
-    `max_shard_bytes`), generation_config.json, the tokenizer files or a README.md on adding them.
+    `max_shard_bytes`), generation_config.json, the data's tokenizer (ioe_train/export_tokenizer.py)
+    and a README.md. Every file mode 0644.
 
-    Written to a temporary sibling and renamed: `output` is complete or absent. Returns `output`.
+    `modeling` "auto": transformers' own Qwen2 / Qwen2MoE where they compute this model (see
+    `native_equivalent`), else the self-contained code of ioe_train/hf_code (configuration_ioe.py,
+    modeling_ioe.py, `auto_map`: load with trust_remote_code=True); "custom": that code always.
+
+    Written to a temporary sibling and renamed: `output` is complete or absent. `progress`: a
+    progress bar of the stages on stderr. Returns `output`.
     """
+    from tqdm import tqdm
+
     run_dir, output = Path(run_dir), Path(output)
     if dtype not in DTYPES:
         raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if modeling not in MODELINGS:
+        raise ExportError(f"modeling: {modeling!r} is not one of {', '.join(MODELINGS)}")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ExportError(f"{output}: exists and is not empty; choose a new --output")
     run = _run_config(run_dir)
     _check_exportable(run.model, run_dir)  # before reading gigabytes
-    model_cfg, sd, step = read_weights(run_dir, step)
+    model_cfg, sd, step = read_weights(run_dir, step)  # errors before the bar: one line
+    bar = tqdm(total=3, desc=f"export {output.name}", unit="stage", disable=not progress,
+               bar_format="{desc}: {n}/{total}{postfix} [{elapsed}]")  # fmt: skip
     _check_exportable(model_cfg, run_dir)
     with torch.device("meta"):
         model = build_model(model_cfg)
     moe = next((m.cfg for m in model.modules() if isinstance(m, MoE)), None)  # expert_hidden_dim resolved
     spec, eos_id = _data_tokenizer(run.data)
-    config = hf_config(model.arch, moe, eos_id, dtype, run.load_balancing_loss_weight)
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state_dict(sd, model.arch, moe).items()}
+    bar.set_postfix_str(f"tokenizer {spec}")
+    tokenizer = hf_tokenizer_json(spec) if _has_tokenizer(spec) else None  # qwen2.5: ~10 s
+    bar.update()
+    if modeling == "auto" and native_equivalent(model_cfg, tokenizer):
+        config = hf_config(model.arch, moe, eos_id, dtype, run.load_balancing_loss_weight)
+        sd = hf_state_dict(sd, model.arch, moe)
+    else:
+        config = custom_config(model_cfg, model.arch, moe, eos_id, dtype)
+        sd = {f"model.{k}": v for k, v in sd.items()}  # modeling_ioe.py keeps this project's names
+    bar.set_postfix_str(f"converting to {dtype}")
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    bar.update()
+    bar.set_postfix_str(f"writing {output}")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -108,14 +136,23 @@ def export_hf(run_dir: Path, output: Path, step: int | None = None, dtype: str =
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id})
         _write_safetensors(tmp, tensors, max_shard_bytes)
-        copied = _copy_tokenizer(spec, tmp)
-        (tmp / "README.md").write_text(_readme(run_dir, step, config, spec, copied))
+        if "auto_map" in config:
+            for name in CODE_FILES:
+                (tmp / name).write_text((resources.files("ioe_train.hf_code") / name).read_text())
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, spec, eos_id, model.arch.max_seq_len, tmp)
+        (tmp / "README.md").write_text(_readme(run_dir, step, config, spec, tokenizer is not None))
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600: a shared group must read the export
         if output.is_dir():
             output.rmdir()  # empty (checked above)
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
     return output
 
 
@@ -132,12 +169,58 @@ def _steps_hint(run_dir: Path) -> str:
 
 
 def _check_exportable(cfg: ModelConfig, run_dir: Path) -> None:
-    if cfg.is_moe and cfg.moe.router != "topk":
+    if cfg.is_moe and cfg.moe.router not in CUSTOM_ROUTERS:
         raise ExportError(
-            f"model.moe.router: {cfg.moe.router!r} has no transformers equivalent (only 'topk' "
-            f"exports, as Qwen2MoE); use the raw weights in {run_dir / 'final' / 'model.pt'} "
-            "(torch.load(path)['model'] into ioe_train.model.build_model)"
+            f"model.moe.router: {cfg.moe.router!r} is not in ioe_train/hf_code/modeling_ioe.py (it exports "
+            f"{', '.join(CUSTOM_ROUTERS)}); add its forward there, or use the raw weights in "
+            f"{run_dir / 'final' / 'model.pt'} (torch.load(path)['model'] into ioe_train.model.build_model)"
         )
+
+
+def native_equivalent(cfg: ModelConfig, tokenizer: str | None) -> bool:
+    """Whether transformers' Qwen2 / Qwen2MoE compute `cfg`'s model with its tokenizer: a dense or
+    `topk` model, causal attention across documents (no block-causal mask), and a byte-level BPE
+    tokenizer (transformers >= 5 rebuilds the tokenizer of a qwen2 model as Qwen's BPE)."""
+    if cfg.attention != "causal" or (cfg.is_moe and cfg.moe.router != "topk"):
+        return False
+    return tokenizer is None or json.loads(tokenizer)["model"]["type"] == "BPE"
+
+
+def custom_config(cfg: ModelConfig, arch: Arch, moe: MoEConfig | None, eos_id: int, dtype: str) -> dict[str, Any]:
+    """config.json of modeling_ioe.IoeForCausalLM (ioe_train/hf_code) for any router."""
+    config: dict[str, Any] = {
+        "architectures": ["IoeForCausalLM"],
+        "model_type": "ioe_pretrain",
+        "auto_map": {"AutoConfig": "configuration_ioe.IoeConfig", "AutoModelForCausalLM": "modeling_ioe.IoeForCausalLM"},
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.dim,
+        "intermediate_size": arch.hidden_dim,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "max_position_embeddings": arch.max_seq_len,
+        "rope_theta": arch.rope_base,
+        "rms_norm_eps": arch.norm_eps,
+        "attention": cfg.attention,
+        "router": "dense" if moe is None else moe.router,
+        "tie_word_embeddings": False,  # IoeForCausalLM reads the embedding for its output itself
+        "use_cache": False,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }  # fmt: skip
+    if moe is not None:
+        config.update({
+            "num_experts": moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
+            "expert_hidden_dim": moe.expert_hidden_dim,
+            "shared_expert_hidden_dim": moe.shared_expert_hidden_dim,
+            "renormalize": moe.renormalize,
+            "ioe_segment_len": moe.ioe_segment_len,
+            "ioe_document_reset": moe.ioe_document_reset,
+            "ioe_merge_chunk": moe.ioe_merge_chunk,
+        })  # fmt: skip
+    return config
 
 
 def hf_config(arch: Arch, moe: MoEConfig | None, eos_id: int, dtype: str, aux_loss_coef: float) -> dict[str, Any]:
@@ -274,31 +357,28 @@ def _data_tokenizer(data: DataConfig) -> tuple[str | None, int]:
     return (name[3:] if name.startswith("hf:") else name), tok["eos_id"]
 
 
-def _copy_tokenizer(spec: str | None, directory: Path) -> list[str]:
-    """Copy the tokenizer files next to the tokenizer `spec` names; [] if it names none on disk."""
-    if spec is None or spec == DEFAULT_TOKENIZER or not Path(spec).exists():
-        return []
-    src = Path(spec) if Path(spec).is_dir() else Path(spec).parent
-    copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-    for f in copied:
-        shutil.copyfile(src / f, directory / f)
-    return copied
+def _has_tokenizer(spec: str | None) -> bool:
+    """Whether the tokenizer the run's data names is here to export: bundled or still on disk."""
+    return spec is not None and (spec == DEFAULT_TOKENIZER or Path(spec).exists())
 
 
-def _readme(run_dir: Path, step: int, config: dict[str, Any], spec: str | None, copied: list[str]) -> str:
+def _readme(run_dir: Path, step: int, config: dict[str, Any], spec: str | None, has_tokenizer: bool) -> str:
     lines = [f"# {config['architectures'][0]} exported by `ioe-train export`", "",
              f"Run: `{run_dir}`, step {step}, weights in {config['torch_dtype']}.", ""]  # fmt: skip
-    if copied:
-        lines += [f"Tokenizer files copied from `{spec}`: {', '.join(copied)}."]
+    if "auto_map" in config:
+        lines += [f"Router `{config['router']}`: the model is defined by modeling_ioe.py and configuration_ioe.py "
+                  "here (plain torch); load it with `trust_remote_code=True`:", "",
+                  "    AutoModelForCausalLM.from_pretrained(THIS_DIR, trust_remote_code=True)",
+                  "    lm_eval --model hf --model_args pretrained=THIS_DIR,trust_remote_code=True --tasks TASKS", ""]  # fmt: skip
+    if has_tokenizer:
+        lines += [f"Tokenizer: `{spec}`, the one the training data was tokenized with (tokenizer.json, "
+                  "tokenizer_config.json, special_tokens_map.json). Literal added-token strings such as "
+                  "`<|endoftext|>` inside a text are encoded as text (`split_special_tokens`), as in "
+                  "training."]  # fmt: skip
     else:
-        why = (f"the run's data was tokenized with the bundled `{spec}` vocabulary (no Hugging Face files)"
-               if spec == DEFAULT_TOKENIZER else f"the run's tokenizer `{spec}` was not found")  # fmt: skip
-        lines += [
-            f"No tokenizer files: {why}. The token ids are Qwen2.5's; add its tokenizer with",
-            "",
-            "    huggingface-cli download Qwen/Qwen2.5-0.5B tokenizer.json tokenizer_config.json \\",
-            "        vocab.json merges.txt --local-dir THIS_DIR",
-        ]
+        where = f"`{spec}`, which was not found" if spec else "a tokenizer this export could not find"
+        lines += [f"No tokenizer files: the run's data names {where} (its shard manifest.json moved?). Export "
+                  "again where the data's manifest.json and tokenizer are readable."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -206,9 +206,12 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
         loader.load_state_dict(data_state)
         step, skipped = state["step"], state["skipped_steps"]
     tokens_per_step = world_size * cfg.grad_accum_steps * cfg.micro_batch_size * cfg.data.seq_len
-    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step)
+    wandb = asdict(cfg.logging.wandb) if cfg.logging.wandb.project else None
+    log = MetricsLogger(out, rank, cfg.logging.tensorboard, start_step=step, tokens_per_step=tokens_per_step,
+                        per_expert_scalars=cfg.logging.per_expert_scalars, wandb=wandb)  # fmt: skip
     if rank == 0:
         (out / "config.yaml").write_text(cfg.to_yaml())
+        log.config(cfg.to_yaml(), asdict(cfg))
     budget = model_budget(model, cfg.data.seq_len)
     fpt_beside_attention = budget.flops_per_token - budget.attention_flops_per_token
     peak = peak_flops(device)
@@ -227,6 +230,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
     batches = iter(loader)
     metrics: dict[str, float] = {}
     timer, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
+    started, first_step = timer, step  # elapsed and ETA: this process's wall clock, resumed steps excluded
     while step < cfg.steps:
         step += 1
         log_experts = bool(cfg.logging.expert_interval) and step % cfg.logging.expert_interval == 0
@@ -264,7 +268,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
             if peak:
                 metrics["mfu"] = timed_flops / elapsed / (peak * world_size)
             log.scalars(step, metrics)
-            log.line(format_line(step, cfg.steps, metrics))
+            wall = time.perf_counter() - started
+            log.line(format_line(step, cfg.steps, metrics, wall, wall / (step - first_step) * (cfg.steps - step)))
             timer, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
         if log_experts and r.expert_load is not None:
             log.experts(step, r.expert_load, r.router_entropy)

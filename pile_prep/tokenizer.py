@@ -9,6 +9,7 @@ as ordinary text; only the packer appends the real EOS id.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import unicodedata
@@ -228,6 +229,7 @@ class HFTokenizer:
                 "(as `tune download Qwen/Qwen2.5-0.5B-Instruct` saves them)"
             )
         self._tok = tok
+        self._added = added
         eos = added.get(EOS_TOKEN, tok.token_to_id(EOS_TOKEN))
         if eos is None:
             raise TokenizerError(f"{path}: vocabulary has no {EOS_TOKEN} token")
@@ -257,6 +259,13 @@ class HFTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self._id_to_bytes[token_id]
 
+    def hf_json(self) -> str:
+        """This tokenizer as a `tokenizer.json` whose added tokens are all special (see
+        `qwen2_5_tokenizer_json`): what pile-prep encodes, for transformers."""
+        spec = json.loads(self._tok.to_str())
+        spec["added_tokens"] = _special_tokens(sorted(self._added, key=self._added.get), [*self._added.values()])
+        return json.dumps(spec, ensure_ascii=False)
+
 
 def _without_added_tokens(path: Path):
     """The tokenizer of `path` with no added tokens, and its added tokens {content: id}.
@@ -271,6 +280,71 @@ def _without_added_tokens(path: Path):
     added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
     spec["added_tokens"] = []
     return RawTokenizer.from_str(json.dumps(spec)), added
+
+
+def _merge_pair(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens BPE merges into `token`: its bytes merged by every rank below `rank`."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise TokenizerError(f"rank {rank} ({token!r}) is no merge of two lower ranks")
+    return parts[0], parts[1]
+
+
+def _special_tokens(contents: Sequence[str], ids: Sequence[int]) -> list[dict]:
+    """tokenizer.json "added_tokens" entries, every one special."""
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": True} for t, i in zip(contents, sorted(ids))]  # fmt: skip
+
+
+def hf_tokenizer_json(spec: str = DEFAULT_TOKENIZER) -> str:
+    """The `tokenizer.json` (Hugging Face `tokenizers`) that encodes as `load_tokenizer(spec)`:
+    built from the bundled ranks for `qwen2.5`, from the user's files otherwise. Every added token
+    is special, so transformers with `split_special_tokens` encodes their literal strings as text."""
+    return qwen2_5_tokenizer_json() if spec == DEFAULT_TOKENIZER else HFTokenizer(Path(spec)).hf_json()
+
+
+@functools.lru_cache(maxsize=1)
+def qwen2_5_tokenizer_json() -> str:
+    """Qwen2.5's Hugging Face `tokenizer.json`, built from the bundled ranks (no download; ~10 s,
+    then cached for the process).
+
+    A byte-level BPE whose merge r makes rank r, so `tokenizers` merges in tiktoken's order, with
+    Qwen's NFC normaliser and pre-tokenizer. Every added token is marked special: with
+    `split_special_tokens` (the export's tokenizer_config.json) transformers then encodes their
+    literal strings as ordinary text, as pile-prep does.
+    """
+    ranks = qwen_ranks()
+    to_char = _bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = [[text(a), text(b)] for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+              if len(token) > 1 for a, b in [_merge_pair(token, rank, ranks)]]  # fmt: skip
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return json.dumps({
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": _special_tokens(QWEN2_5_SPECIAL_TOKENS,
+                                        range(NUM_BASE_TOKENS, NUM_BASE_TOKENS + len(QWEN2_5_SPECIAL_TOKENS))),
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
+            byte_level]},  # fmt: skip
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},  # fmt: skip
+    }, ensure_ascii=False)
 
 
 def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> TiktokenTokenizer | HFTokenizer:

@@ -49,6 +49,11 @@ def test_base_file_is_merged_first(tmp_path):
         (["model.dim=0"], r"^model\.dim: must be >= 1"),
         (["model.num_layers=0"], r"^model\.num_layers: must be >= 1"),
         (["lr"], r"^lr: an override is key=value"),
+        (["logging.wandb.mode=cloud"], r"^logging\.wandb\.mode: 'cloud' is not one of 'online', 'offline'"),
+        (["lr=1e-3"], r"^lr: Key 'lr' not in 'TrainConfig'; did you mean optim\.lr\?$"),
+        (["router=ioe"], r"^router: .*; did you mean model\.moe\.router\?$"),
+        (["optim.lrr=1e-3"], r"^optim\.lrr: Key 'lrr' not in 'OptimConfig'; did you mean optim\.lr\?$"),
+        (["data.mixture={Books3:1.5}"], r"a mapping entry is `data\.mixture\.Books3=1\.5`, or `data\.mixture=\{Books3: 1\.5\}`"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -83,3 +88,8 @@ def test_resolved_yaml_loads_back(tmp_path):
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(cfg.to_yaml())
     assert load_config(dumped) == cfg
+
+
+def test_mapping_entries_are_overridden_one_by_one():
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["data.mixture.Books3=1.5", "data.mixture.Pile-CC=0.5"])
+    assert cfg.data.mixture == {"Books3": 1.5, "Pile-CC": 0.5}

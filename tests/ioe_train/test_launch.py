@@ -38,6 +38,19 @@ def test_dry_run_prints_the_torchrun_command_and_resolved_config(shards, monkeyp
     assert "steps: 7\n" in resolved and "name: tiny_moe" in resolved
 
 
+def test_dry_run_previews_a_config_whose_data_is_elsewhere(shards, tmp_path):
+    shipped = CONFIG.parent / "qwen2_5_0_5b_moe_pile_pretrain_fsdp.yaml"
+    args = ["launch", str(shipped), f"data.val_dirs=[{shards[1]},{tmp_path / 'val'}]", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert ("not found here: data.train_dirs: /data/pile/tokens/train; "
+            f"data.val_dirs: {tmp_path / 'val'}\n") in result.output  # fmt: skip
+    assert "name: qwen2_5_moe" in result.output
+    # without --dry-run the same config is refused before anything starts
+    result = CliRunner().invoke(main, args[:-1])
+    assert result.exit_code == 1 and "data.train_dirs: /data/pile/tokens/train: no such directory" in result.output
+
+
 def test_multi_node_uses_c10d_rendezvous(shards):
     args = ["launch", str(CONFIG), *data_overrides(shards), "--nproc-per-node", "8", "--nnodes", "2",
             "--rdzv-endpoint", "node0:29500", "--rdzv-id", "job42", "--dry-run"]  # fmt: skip
