@@ -149,7 +149,7 @@ def test_eval_sample_compare_and_export_read_runs_of_every_router_and_scope(tool
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(" the film")
 
-    result = cli.invoke(ioe_train, ["compare", str(run), str(tool_runs / "topk_global"), "--json"])
+    result = cli.invoke(ioe_train, ["compare", str(run), "--json"])
     assert result.exit_code == 0, result.output
 
     result = cli.invoke(ioe_train, ["export", str(run), "--step", "2", "--output", str(tmp_path / "hf")])
