@@ -217,10 +217,12 @@ def test_the_report_shows_arms_differences_and_stable_json_keys(arms, tmp_path):
 
 def test_protocol_differences_are_flagged_not_refused(tmp_path, domain_shards):
     losses = {0: 1.3, 1: 1.31}
-    base = seed_runs(tmp_path, "causal", "proxy_ioe.yaml", domain_shards, losses)
+    plain = ("eval.per_document=false", "eval.packing=null")  # not the proxy configs' fixed protocol
+    base = seed_runs(tmp_path, "causal", "proxy_ioe.yaml", domain_shards, losses, *plain)
     variants = {"block": ["model.attention=block_causal"], "by_source": ["data.packing=by_source"],
                 "per_doc": ["eval.per_document=true"], "val_stream": ["data.packing=by_source", "eval.packing=stream"]}
-    others = [seed_runs(tmp_path, name, "proxy_ioe.yaml", domain_shards, losses, *o) for name, o in variants.items()]
+    others = [seed_runs(tmp_path, name, "proxy_ioe.yaml", domain_shards, losses, *plain, *o)
+              for name, o in variants.items()]  # fmt: skip
     report = compare_runs([base, *others])
     assert [a.router for a in report.arms] == ["ioe (16, L 16)", "ioe (16, L 16) · block_causal",
                                                "ioe (16, L 16) · by_source", "ioe (16, L 16)",
