@@ -74,7 +74,7 @@ def _write_idx(ds: ShardDataset, path: Path) -> None:
         os.fsync(out.fileno())
 
 
-def export_megatron(dirs: Sequence[str | Path], prefix: str | Path) -> ExportSummary:
+def export_megatron(dirs: Sequence[str | Path], prefix: str | Path, partial: bool = False) -> ExportSummary:
     """Write the documents of `dirs` (read as one dataset, in order) to PREFIX.bin / PREFIX.idx.
 
     Byte-identical for the same shards. Each file is written under a temp name and renamed, so
@@ -82,7 +82,7 @@ def export_megatron(dirs: Sequence[str | Path], prefix: str | Path) -> ExportSum
     """
     start = time.perf_counter()
     try:
-        ds = ShardDataset(dirs)
+        ds = ShardDataset(dirs, partial=partial)
     except ShardError as e:
         raise ExportError(str(e)) from None
     if ds.vocab_size > 2**31:

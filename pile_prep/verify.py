@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from pile_prep.inputs import InputError, expand_inputs, input_chunks, iter_records
-from pile_prep.reader import ShardDataset, ShardError, _as_dirs, load_manifest
+from pile_prep.reader import ShardDataset, ShardError, _as_dirs, directory_set_problems, load_manifest
 from pile_prep.shards import (
     INDEX_HEADER,
     INDEX_MAGIC,
@@ -478,7 +478,7 @@ def sample_check(
     datasets = []
     for d in dirs:
         try:
-            datasets.append(ShardDataset(d))
+            datasets.append(ShardDataset(d, partial=True))  # (the set is verify's to judge)
         except ShardError as e:
             if notes is not None:
                 notes.append(f"{d} not sampled: the reader refuses it ({e})")
@@ -511,16 +511,19 @@ def verify(
     seed: int = 0,
     tokenizer: str | None = None,
     block_bytes: int = BLOCK_BYTES,
+    partial: bool = False,
 ) -> VerifyReport:
     """Check `dirs` completely; `sample` documents are also re-tokenized from `sources`.
 
     `workers`: processes checking shards in parallel; 0 picks all usable cores for large data
-    and fewer (down to checking in this process) for small.
+    and fewer (down to checking in this process) for small. `partial`: accept a set missing
+    tasks of a `--num-tasks` job (the readers' rule, `directory_set_problems`).
     """
     start = time.perf_counter()
     report = VerifyReport(_as_dirs(dirs))
     checks: list[ShardCheck] = []
     tokenizer_of: dict[str, Path] = {}
+    loaded: list[tuple[Path, dict[str, Any]]] = []
     for d in report.dirs:
         try:
             manifest = load_manifest(d)
@@ -528,6 +531,7 @@ def verify(
             message = str(e).removeprefix(f"{d / MANIFEST}: ").removeprefix(f"{d}: ")
             report.problems.append(Problem(str(d / MANIFEST), message))
             continue
+        loaded.append((d, manifest))
         tokenizer_of.setdefault(manifest["tokenizer"]["fingerprint"], d)
         try:
             report.problems += _check_manifest(d, manifest)
@@ -538,6 +542,8 @@ def verify(
             checks.append(ShardCheck(d, r, tok["vocab_size"], tok["eos_id"], block_bytes))
             report.tokens += r["tokens"]
             report.documents += r["documents"]
+    set_problems = directory_set_problems([d for d, _ in loaded], [m for _, m in loaded], partial)
+    report.problems += [Problem(", ".join(map(str, report.dirs)), p) for p in set_problems]
     if len(tokenizer_of) > 1:
         report.problems.append(Problem(", ".join(map(str, tokenizer_of.values())),
                                        "made with different tokenizers"))  # fmt: skip

@@ -185,7 +185,7 @@ def test_tasks_union_is_byte_identical_to_one_task(sample_corpus, tmp_path):
         task = tmp_path / ("t0" if name in n0 else "t1")
         for ext in ("bin", "idx", "json"):
             assert (task / f"{name}.{ext}").read_bytes() == (tmp_path / "one" / f"{name}.{ext}").read_bytes()
-    assert verify(tmp_path / "t0", workers=1).ok and verify(tmp_path / "t1", workers=1).ok
+    assert verify([tmp_path / "t0", tmp_path / "t1"], workers=1).ok
 
 
 def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
