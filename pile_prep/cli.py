@@ -169,10 +169,11 @@ def export_group() -> None:
               metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
 @click.option("--partial", is_flag=True,
               help="Accept DIRS missing some tasks of a --num-tasks job (on purpose).")
-def export_megatron_cmd(dirs, prefix, partial) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing PREFIX.bin / PREFIX.idx.")
+def export_megatron_cmd(dirs, prefix, partial, overwrite) -> None:
     """Megatron-LM / NeMo / GPT-NeoX indexed dataset of DIRS: one sequence per document."""
     try:
-        s = export_megatron(dirs, prefix, partial)
+        s = export_megatron(dirs, prefix, partial, overwrite)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{s.documents:,} documents, {s.tokens:,} tokens -> {s.bin_path}, {s.idx_path} "
