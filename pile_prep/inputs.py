@@ -30,13 +30,13 @@ _IDENTITY_BYTES = 1 << 20
 class InputError(Exception):
     """Bad input, named by file and line: the expected failure, reported without a traceback."""
 
-    def __init__(self, path: str | Path, line: int | None, reason: str):
-        self.path, self.line, self.reason = str(path), line, reason
+    def __init__(self, path: str | Path, line: int | None, reason: str, hint: str | None = None):
+        self.path, self.line, self.reason, self.hint = str(path), line, reason, hint
         where = f"{path}, line {line}" if line is not None else str(path)
         super().__init__(f"{where}: {reason}")
 
     def __reduce__(self):  # raised in worker processes: pickle with the real arguments
-        return InputError, (self.path, self.line, self.reason)
+        return InputError, (self.path, self.line, self.reason, self.hint)
 
 
 def expand_inputs(specs: list[str], recursive: bool = False) -> list[Path]:
@@ -287,6 +287,7 @@ def _duplicated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _DUPLICATES = "\0duplicated keys"  # (no JSON key of a real record holds a NUL)
+_KEYS_SHOWN = 10  # of a record without the text field, in its error
 
 
 def parse_line(raw: bytes, line: int, text_field: str) -> Record:
@@ -311,7 +312,9 @@ def parse_line(raw: bytes, line: int, text_field: str) -> Record:
     text = obj.get(text_field)
     if not isinstance(text, str):
         if text_field not in obj:
-            what = "no"
+            keys = [k for k in obj if k != _DUPLICATES]
+            shown = ", ".join(map(repr, keys[:_KEYS_SHOWN])) + (", ..." if len(keys) > _KEYS_SHOWN else "")
+            return Record(line, None, "", f"no {text_field!r} field (keys: {shown or 'none'})")
         else:
             what = "null" if text is None else f"non-string ({type(text).__name__})"
         return Record(line, None, "", f"{what} {text_field!r} field")

@@ -154,6 +154,7 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
     writer = ShardWriter(output, shard_name(chunk.input_index, chunk.chunk_index))
     skipped: list[list] = []
     bad: list[dict] = []
+    first = chunk.chunk_index == 0  # no record of the input seen yet
     try:  # any failure: abort, so that no temp file of this shard stays
         for rec in iter_records(chunk, text_field):
             if rec.blank:
@@ -161,10 +162,12 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
                 continue
             if rec.error is not None:
                 if not skip_bad:
-                    raise InputError(chunk.path, rec.line, rec.error)
+                    hint = _FIELD_HINT if first and _no_field(rec.error, text_field) else None
+                    raise InputError(chunk.path, rec.line, rec.error, hint)
                 skipped.append([rec.line, "bad"])
                 bad.append({"file": chunk.path, "line": rec.line, "reason": rec.error})
                 continue
+            first = False
             if rec.text == "":
                 skipped.append([rec.line, "empty"])
                 continue
@@ -189,6 +192,13 @@ def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool)
         }
     )
     return record
+
+
+_FIELD_HINT = "if the text is under another key, name it with --text-field"
+
+
+def _no_field(reason: str, text_field: str) -> bool:
+    return reason.startswith(f"no {text_field!r} field")
 
 
 def _peak_rss_mb() -> float:
@@ -351,6 +361,21 @@ def _manifest(job: dict, records: list[dict]) -> dict[str, Any]:
     }
 
 
+def _refuse_all_bad(manifest: dict[str, Any], text_field: str) -> None:
+    """A run in which every record line was bad made no dataset: an error, and no manifest."""
+    t = manifest["totals"]
+    if t["bad_lines"] == 0 or t["documents"] or t["skipped_empty"]:
+        return
+    first = manifest["bad_lines"][0]
+    hint = "fix the input, or give other inputs"
+    if _no_field(first["reason"], text_field):
+        hint = f"{_FIELD_HINT} (and --overwrite, or another --output)"
+    raise TokenizeError(
+        f"every line was bad ({t['bad_lines']:,} bad lines; the first: {first['file']}, line "
+        f"{first['line']}: {first['reason']}); no dataset is written: {hint}"
+    )
+
+
 def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
     """Tokenize `opts.inputs` into shards under `opts.output`; resumes a previous partial run."""
     if not 0 <= opts.task_index < opts.num_tasks:
@@ -459,6 +484,9 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
     bar.close()
     if failure is not None:
         if isinstance(failure, InputError):
+            if failure.hint is not None:
+                raise TokenizeError(f"{failure}\nThe input's first line has no such key: "
+                                    f"{failure.hint} (and --overwrite, or another --output)") from failure  # fmt: skip
             raise TokenizeError(
                 f"{failure}\n{_finished(output)} finished shards are kept in {output}: rerun the same "
                 "command to resume, with --skip-bad-lines to skip such lines"
@@ -470,6 +498,7 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
 
     _remove_stale_shards(output, set(records))
     manifest = _manifest(job, [records[k] for k in sorted(records)])
+    _refuse_all_bad(manifest, opts.text_field)
     write_json(output / MANIFEST, manifest)
     return TokenizeSummary(
         manifest=manifest,

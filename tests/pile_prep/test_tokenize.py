@@ -401,3 +401,22 @@ def test_corrupt_parquet_is_a_bad_input_not_a_crash(tmp_path):
         run([path], tmp_path / "o")
     m = run([path], tmp_path / "o", skip_bad_lines=True).manifest
     assert m["totals"]["bad_lines"] == 1 and m["totals"]["documents"] < 4000
+
+
+def test_wrong_text_field_is_named_with_the_keys_seen(tmp_path):
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", [{"content": f"doc {i}", "meta": {}} for i in range(20)])
+    args = ["tokenize", str(path), "-o", str(tmp_path / "o"), "-j", "1", "-q", "--shard-mb", "0.0002"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "line 1: no 'text' field (keys: 'content', 'meta')" in result.output
+    assert "--text-field" in result.output and "--skip-bad-lines" not in result.output
+    # Every line bad under --skip-bad-lines: no dataset, a non-zero exit, the same hint.
+    for _ in range(2):  # and the same on the rerun
+        result = CliRunner().invoke(cli, args + ["--skip-bad-lines"])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: every line was bad (20 bad lines; the first: ")
+        assert "keys: 'content', 'meta'" in result.output and "--text-field" in result.output
+        assert result.output.count("\n") == 1
+        assert not (tmp_path / "o" / "manifest.json").exists()
+    result = CliRunner().invoke(cli, args + ["--skip-bad-lines", "--text-field", "content", "--overwrite"])
+    assert result.exit_code == 0, result.output
