@@ -23,11 +23,11 @@ import numpy as np
 
 from pile_prep.shards import (
     FORMAT,
-    FORMAT_VERSION,
     INDEX_HEADER,
     INDEX_MAGIC,
     JOB,
     MANIFEST,
+    READABLE_VERSIONS,
     TOKEN_DTYPE,
     index_size,
     size_problem,
@@ -84,10 +84,10 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: cannot read: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ShardError(
             f"{path}: format_version {manifest.get('format_version')!r}, this reader reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     if (manifest.get("dtype"), manifest.get("byteorder")) != ("uint32", "little"):
         raise ShardError(f"{path}: dtype {manifest.get('dtype')!r} {manifest.get('byteorder')!r}, "
@@ -330,8 +330,10 @@ class ShardDataset:
 
     def _data_fingerprint(self) -> str:
         h = hashlib.sha256()
+        versions = sorted({m["format_version"] for m in self.manifests})
         desc = {
-            "format_version": FORMAT_VERSION,
+            # One version as a number: a version-1 dataset keeps the fingerprint it always had.
+            "format_version": versions[0] if len(versions) == 1 else versions,
             "tokenizer": self.tokenizer["fingerprint"],
             "dirs": [[[r["name"], r["tokens"], r["checksum"]] for r in m["shards"]]
                      for m in self.manifests],

@@ -258,6 +258,9 @@ def _differences(old: dict, new: dict) -> list[str]:
             was = old.get(key, {})
             diffs.append(f"tokenizer {was.get('name')} ({was.get('fingerprint')}) -> "
                          f"{new[key]['name']} ({new[key]['fingerprint']})")  # fmt: skip
+        elif key == "format_version" and old.get(key) != new[key]:
+            diffs.append(f"written by another pile-prep (format version {old.get(key)}, this one "
+                         f"writes {new[key]})")  # fmt: skip
         elif key not in ("inputs", "tokenizer") and old.get(key) != new[key]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
     return diffs
@@ -362,11 +365,16 @@ def _manifest(job: dict, records: list[dict]) -> dict[str, Any]:
 
 
 def _refuse_all_bad(manifest: dict[str, Any], text_field: str) -> None:
-    """A run in which every record line was bad made no dataset: an error, and no manifest."""
+    """A run in which every line was bad made no dataset: an error, and no manifest. (An input
+    that breaks before its first line is not a bad line of it: it counts as bad, at
+    `last_line + 1`, and an empty dataset from it is what --skip-bad-lines asked for.)"""
     t = manifest["totals"]
-    if t["bad_lines"] == 0 or t["documents"] or t["skipped_empty"]:
+    breaks = sum(1 for r in manifest["shards"] for line, why in r["skipped_lines"]
+                 if why == "bad" and line == r["last_line"] + 1)  # fmt: skip
+    if t["bad_lines"] == breaks or t["documents"] or t["skipped_empty"]:
         return
-    first = manifest["bad_lines"][0]
+    first = next((b for b in manifest["bad_lines"] if not b["reason"].startswith("corrupt")),
+                 manifest["bad_lines"][0])
     hint = "fix the input, or give other inputs"
     if _no_field(first["reason"], text_field):
         hint = f"{_FIELD_HINT} (and --overwrite, or another --output)"

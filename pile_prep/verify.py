@@ -27,9 +27,11 @@ from pile_prep.reader import ShardDataset, ShardError, _as_dirs, directory_set_p
 from pile_prep.shards import (
     INDEX_HEADER,
     INDEX_MAGIC,
+    JOB,
     MANIFEST,
     index_size,
     is_temp,
+    metadata_checksum,
     read_json,
     shard_name,
 )
@@ -311,6 +313,11 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
             t["tokens"] += s["tokens"]
             t["documents"] += s["documents"]
         _check_record_file(directory, r, out)
+        if manifest["format_version"] >= 2 and r.get("metadata_checksum") != metadata_checksum(r):
+            what = "has no metadata_checksum" if "metadata_checksum" not in r else (
+                "metadata (sources, line ranges, skipped lines, ...) changed after it was written: "
+                f"metadata_checksum {r['metadata_checksum']}, the record hashes to {metadata_checksum(r)}")
+            out.add("metadata checksum", f"{where}: {what}")
     for key, value in totals.items():
         if manifest["totals"].get(key) != value:
             out.add("totals", f"totals.{key} is {manifest['totals'].get(key)}, the shards add up "
@@ -319,6 +326,7 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
         have, want = manifest["sources"].get(name), sources.get(name)
         if have != want:
             out.add("sources", f"sources[{name!r}] is {have}, the shards add up to {want}")
+    _check_job(directory, manifest, out)
     tok = manifest["tokenizer"]
     if not 0 <= tok["eos_id"] < tok["vocab_size"]:
         out.add("tokenizer", f"tokenizer eos_id {tok['eos_id']} >= vocab_size {tok['vocab_size']}")
@@ -331,6 +339,27 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
     task = manifest.get("task", {"index": 0, "count": 1})
     _check_coverage(records, task_shares(len(manifest["inputs"]), task["count"], task["index"]), out)
     return out.finish()
+
+
+def _check_job(directory: Path, manifest: dict[str, Any], out: _Collector) -> None:
+    """The manifest repeats job.json (what the run was started with): every key must agree, the
+    tokenizer's name, fingerprint and vocab size included."""
+    try:
+        job = read_json(directory / JOB)
+    except FileNotFoundError:
+        out.add("job", f"{JOB} is missing: the manifest's tokenizer and inputs cannot be checked")
+        return
+    except ValueError as e:
+        out.add("job", f"{JOB} is not JSON: {e}")
+        return
+    for key in job:
+        have, want = manifest.get(key), job[key]
+        if key == "tokenizer" and isinstance(have, dict) and isinstance(want, dict):
+            for k in sorted(have.keys() | want.keys()):
+                if have.get(k) != want.get(k):
+                    out.add("job", f"tokenizer.{k} is {have.get(k)!r}, {JOB} says {want.get(k)!r}")
+        elif have != want:
+            out.add("job", f"{key} differs from {JOB}'s")
 
 
 def _check_coverage(records: list[dict[str, Any]], shares: dict[int, Share], out: _Collector) -> None:
@@ -532,6 +561,10 @@ def verify(
             report.problems.append(Problem(str(d / MANIFEST), message))
             continue
         loaded.append((d, manifest))
+        if manifest["format_version"] < 2:
+            report.notes.append(f"{d}: format version {manifest['format_version']}: its shard "
+                                "metadata (sources, line ranges, skipped lines) has no checksum and "
+                                "was not checked; retokenize to get one")  # fmt: skip
         tokenizer_of.setdefault(manifest["tokenizer"]["fingerprint"], d)
         try:
             report.problems += _check_manifest(d, manifest)

@@ -202,8 +202,8 @@ def test_refusals_name_what_is_wrong(data, tmp_path):
         ShardDataset(unfinished)
 
     version = copy("version")
-    _edit_manifest(version, lambda m: m.update(format_version=2))
-    with pytest.raises(ShardError, match="format_version 2"):
+    _edit_manifest(version, lambda m: m.update(format_version=3))
+    with pytest.raises(ShardError, match="format_version 3"):
         ShardDataset(version)
     key = copy("key")
     _edit_manifest(key, lambda m: m["shards"][1].pop("checksum"))
