@@ -1,7 +1,7 @@
 """Read Pile-format inputs: expand INPUT specs, cut each file into chunks, parse records.
 
-Each tokenize worker decompresses and cuts its own input into chunks of whole lines (memchr
-speed), then parses and tokenizes them. Chunk boundaries depend on the bytes alone
+A tokenize reader process decompresses and cuts each input into chunks of whole lines (memchr
+speed); workers parse and tokenize them (pile_prep/pipeline.py). Chunk boundaries depend on the bytes alone
 (docs/FORMAT.md).
 """
 

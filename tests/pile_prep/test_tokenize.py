@@ -420,3 +420,32 @@ def test_wrong_text_field_is_named_with_the_keys_seen(tmp_path):
         assert not (tmp_path / "o" / "manifest.json").exists()
     result = CliRunner().invoke(cli, args + ["--skip-bad-lines", "--text-field", "content", "--overwrite"])
     assert result.exit_code == 0, result.output
+
+
+def test_each_input_is_read_by_one_reader_only():
+    from pile_prep.pipeline import reader_inputs
+
+    paths = [Path(f"{i:02d}.jsonl.zst") for i in range(30)]
+    for files, tasks, workers in ((30, 1, 64), (30, 1, 128), (30, 1, 4), (1, 1, 128), (3, 2, 5), (30, 64, 8)):
+        for task in range(tasks):
+            shares = task_shares(files, tasks, task)
+            readers = reader_inputs(shares, paths[:files], workers)
+            assert len(readers) == min(len(shares), workers)  # no more readers than inputs or workers
+            dealt = [(i, share) for job in readers for i, _, share in job]
+            assert sorted(dealt) == sorted(shares.items())  # every input of the task, once
+
+
+def test_one_input_many_workers_and_a_shared_input_are_byte_identical(sample_corpus, tmp_path):
+    one = [sample_corpus[0]]
+    run(one, tmp_path / "w1", shard_bytes=20_000, workers=1)
+    run(one, tmp_path / "w5", shard_bytes=20_000, workers=5)  # 1 reader feeding 5 workers
+    assert_same_dirs(tmp_path / "w1", tmp_path / "w5")
+    inputs = [*sample_corpus, sample_corpus[0].parent / "val.jsonl.zst"]
+    run(inputs, tmp_path / "all", shard_bytes=20_000, workers=1)
+    for task in range(2):  # input 2 shared by both tasks; 4 workers, 2 readers each
+        run(inputs, tmp_path / f"t{task}", shard_bytes=20_000, workers=4, num_tasks=2, task_index=task)
+    union = {p.name for t in range(2) for p in (tmp_path / f"t{t}").glob("shard-*")}
+    assert union == {p.name for p in (tmp_path / "all").glob("shard-*")}
+    for name in union:
+        task = next(tmp_path / f"t{t}" for t in range(2) if (tmp_path / f"t{t}" / name).exists())
+        assert (task / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
