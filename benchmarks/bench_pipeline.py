@@ -11,7 +11,7 @@ Efficiency = time the workers spent tokenizing / (W x the time from each worker'
 to the end of the run): 1.0 means no worker was idle once started (no idle waves, no waiting
 for a reader). Worker start-up is left out (158 Python processes starting on 2 cores take tens
 of seconds here; on a 128-core node they start in parallel). Also printed: the main process's
-CPU per GB of text, and a reader's work per GB (decompress, cut and hash: `input_chunks` over
+CPU per chunk (and so per GB at 64 MiB shards), and a reader's work per GB (decompress, cut and hash: `input_chunks` over
 the same files, timed in this process).
 
 With --cpu-ratio MB it instead measures, with the real tokenizer on real text (bench_tokenize.py's
@@ -19,7 +19,7 @@ corpus), the total CPU (user + sys of all processes) of `pile-prep tokenize --wo
 `--workers 1`, on one input of MB and on 3 inputs of MB/3: reading each input once, the ratio
 stays near 1 (what remains is 7 more processes' start-up).
 
-    python benchmarks/bench_pipeline.py [--workers 64 128] [--us-per-byte 25]
+    python benchmarks/bench_pipeline.py [--workers 64 128] [--us-per-byte 100]
     python benchmarks/bench_pipeline.py --cpu-ratio 64 [--shard-mb 8]
 """
 
@@ -67,9 +67,8 @@ if os.environ.get(_COST):  # in every spawned reader and worker: this module is 
 
 def write_files(directory: Path, files: int, chunks: int, chunk_bytes: int) -> list[Path]:
     """`files` .jsonl.zst files of `chunks` chunks each (documents of ~2 kB)."""
-    doc = "x" * 2000
-    per_chunk = chunk_bytes // (len(doc) + 40) + 1
-    line = json.dumps({"text": doc, "meta": {"pile_set_name": "bench"}})
+    line = json.dumps({"text": "x" * 2000, "meta": {"pile_set_name": "bench"}})
+    per_chunk = -(-chunk_bytes // (len(line) + 1))  # a chunk ends at the first line end past chunk_bytes
     paths = []
     for f in range(files):
         text = "\n".join([line] * per_chunk * chunks) + "\n"
@@ -111,7 +110,7 @@ def one_case(root: Path, files: int, workers: int, chunk_bytes: int, s_per_byte:
     text_bytes = sum(len(c.lines) for p in inputs[:1] for c in input_chunks(0, p, chunk_bytes, "text")) * files
     per_worker, overall = efficiency(case / "log", workers, end)
     return {"files": files, "workers": workers, "shards": n, "text_gb": text_bytes / 1e9,
-            "efficiency": per_worker, "span_efficiency": overall, "main_cpu_s_per_gb": main_cpu / (text_bytes / 1e9)}
+            "efficiency": per_worker, "span_efficiency": overall, "main_cpu_s_per_chunk": main_cpu / n}
 
 
 def reader_cpu_per_gb(directory: Path, chunk_bytes: int) -> float:
@@ -154,7 +153,7 @@ def cpu_ratio(mb: float, shard_mb: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--us-per-byte", type=float, default=25.0, help="stand-in cost per byte of text")
+    parser.add_argument("--us-per-byte", type=float, default=100.0, help="stand-in cost per byte of text")
     parser.add_argument("--chunk-kb", type=int, default=16, help="shard size (input text per chunk)")
     parser.add_argument("--cpu-ratio", type=float, default=0, metavar="MB",
                         help="measure CPU of --workers 8 / 1 with the real tokenizer instead")
@@ -174,7 +173,8 @@ def main() -> None:
             rows.append(r)
             print(f"{files:2d} files, {workers:3d} workers: {r['shards']} shards, efficiency {r['efficiency']:.3f} "
                   f"(from each worker's first chunk; from the first chunk anywhere {r['span_efficiency']:.3f}); "
-                  f"main process {r['main_cpu_s_per_gb']:.1f} s CPU per GB of text")
+                  f"main process {r['main_cpu_s_per_chunk'] * 1e3:.2f} ms CPU per chunk "
+                  f"({r['main_cpu_s_per_chunk'] * (1e9 / (64 << 20)):.3f} s per GB at 64 MiB shards)")
     print(f"reader work (decompress, cut, hash; 1 process): {reader_cpu_per_gb(root, chunk_bytes):.2f} s CPU per GB")
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"all readers and workers: {children.ru_utime + children.ru_stime:.1f} s CPU (start-up included)")

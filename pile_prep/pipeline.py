@@ -1,4 +1,4 @@
-"""How `pile-prep tokenize` spreads its work: each input decompressed once, every worker busy.
+"""How `pile-prep tokenize` spreads its work: each input decompressed once, chunks to free workers.
 
 R reader processes (R = min(this task's inputs, W); reader r takes inputs r, r + R, ...)
 decompress and cut their inputs into chunks (pile_prep/inputs.py) and put each chunk of the
