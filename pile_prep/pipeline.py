@@ -72,6 +72,7 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
     for p in processes:
         p.start()
     reading, running, failed = len(readers), len(tokenizers), False
+    queued = made = 0  # chunks readers queued, shards workers made
     try:
         while reading or running:
             try:
@@ -88,6 +89,7 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
             kind = message[0]
             if kind == "reader done":
                 reading -= 1
+                queued += message[1]
                 if reading == 0:
                     for _ in tokenizers:  # no more chunks: one end mark per worker
                         while not stop.is_set() and not _put(work, None):
@@ -95,12 +97,17 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
             elif kind == "worker done":
                 running -= 1
                 yield ("rss", message[1])
+                if failed and not running:  # a reader may wait on chunks nobody will take
+                    break
             elif kind == "failed":
                 if not failed:
                     failed = True
                     yield message
             else:
+                made += kind == "record" and not message[2]
                 yield message
+        if not failed and made != queued:  # never a silent gap: a lost chunk fails the run
+            yield ("failed", WorkerDied(f"{queued} chunks were queued but {made} shards made"))
     except BaseException:
         stop.set()
         for p in processes:
@@ -109,12 +116,17 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
     finally:
         if stop.is_set():
             work.cancel_join_thread()  # chunks and end marks left in the queue: nobody takes them
+            for p in readers:  # (a reader writes nothing that a rerun needs)
+                p.join(timeout=1)
+                if p.is_alive():
+                    p.terminate()
         for p in processes:
             p.join(timeout=60)
 
 
 def _reader(job, settings: Settings, work, results, stop, parent: int) -> None:
     _die_with(parent)
+    queued = 0
     try:
         for input_index, path, share in job:
             for chunk in input_chunks(input_index, path, settings.shard_bytes, settings.text_field):
@@ -135,6 +147,8 @@ def _reader(job, settings: Settings, work, results, stop, parent: int) -> None:
                 while not _put(work, chunk):
                     if stop.is_set():
                         break
+                else:
+                    queued += 1
             if stop.is_set():
                 break
     except BaseException as e:  # noqa: BLE001 (the main process raises it)
@@ -143,7 +157,12 @@ def _reader(job, settings: Settings, work, results, stop, parent: int) -> None:
     finally:
         if stop.is_set():
             work.cancel_join_thread()  # what is still buffered will not be taken: do not wait
-        results.put(("reader done",))
+        else:
+            # Every chunk put is in the pipe before "done": the main process's end marks, sent
+            # after the last "done", then follow every chunk (a queue's put only buffers).
+            work.close()
+            work.join_thread()
+        results.put(("reader done", queued))
 
 
 def _put(work, chunk: Chunk | None) -> bool:

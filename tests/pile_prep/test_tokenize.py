@@ -449,3 +449,14 @@ def test_one_input_many_workers_and_a_shared_input_are_byte_identical(sample_cor
     for name in union:
         task = next(tmp_path / f"t{t}" for t in range(2) if (tmp_path / f"t{t}" / name).exists())
         assert (task / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+
+
+def test_no_chunk_is_lost_behind_the_end_marks(tmp_path):
+    # Many chunks larger than the pipe's buffer, one reader, 12 workers: the last chunks a reader
+    # puts must reach a worker before the end marks do.
+    docs = [pile_record(f"document {i} " + "word " * 800, "Pile-CC") for i in range(1200)]
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", docs)
+    one = run([path], tmp_path / "w1", shard_bytes=150_000, workers=1).manifest
+    many = run([path], tmp_path / "w12", shard_bytes=150_000, workers=12).manifest
+    assert len(many["shards"]) == len(one["shards"]) > 30
+    assert_same_dirs(tmp_path / "w1", tmp_path / "w12")
