@@ -144,8 +144,9 @@ def cpu_ratio(mb: float, shard_mb: float) -> None:
         (root / f"in{files}").mkdir()
         inputs = write_corpus(docs, root / f"in{files}", files=files)
         cpu = {w: _tokenize_cpu(inputs, root / f"out{files}-{w}", w, shard_mb) for w in (1, 8)}
-        same = all(p.read_bytes() == (root / f"out{files}-1" / p.name).read_bytes()
-                   for p in (root / f"out{files}-8").glob("shard-*"))  # fmt: skip
+        names = [sorted(p.name for p in (root / f"out{files}-{w}").glob("shard-*")) for w in (1, 8)]
+        same = names[0] == names[1] and all((root / f"out{files}-1" / n).read_bytes() ==
+                                            (root / f"out{files}-8" / n).read_bytes() for n in names[0])  # fmt: skip
         print(f"{files} input(s), {mb:.0f} MB, --shard-mb {shard_mb}: CPU --workers 1 {cpu[1]:.1f} s, "
               f"--workers 8 {cpu[8]:.1f} s: ratio {cpu[8] / cpu[1]:.3f} (target <= 1.10); identical: {same}")
 
