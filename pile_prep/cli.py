@@ -145,13 +145,15 @@ def sample_cmd(directory, kind, files, docs, domains, words, successors, mean_wo
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer files for decoding, when the shards were not made with qwen2.5.")
 @click.option("--json", "as_json", is_flag=True, help="Print the same facts as JSON.")
-def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json) -> None:
+@click.option("--partial", is_flag=True,
+              help="Accept DIRS missing some tasks of a --num-tasks job (on purpose).")
+def inspect_cmd(dirs, decode, docs, show_tokens, tokenizer, as_json, partial) -> None:
     """Summarize shard directories DIRS (read as one dataset): sizes, sources, lengths."""
     from pile_prep.inspect import inspect_report
     from pile_prep.reader import ShardError
 
     try:
-        click.echo(inspect_report(dirs, decode, docs, show_tokens, tokenizer, as_json))
+        click.echo(inspect_report(dirs, decode, docs, show_tokens, tokenizer, as_json, partial))
     except (ShardError, TokenizerError, IndexError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -165,10 +167,13 @@ def export_group() -> None:
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", "prefix", required=True, type=click.Path(path_type=Path),
               metavar="PREFIX", help="Writes PREFIX.bin and PREFIX.idx.")
-def export_megatron_cmd(dirs, prefix) -> None:
+@click.option("--partial", is_flag=True,
+              help="Accept DIRS missing some tasks of a --num-tasks job (on purpose).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing PREFIX.bin / PREFIX.idx.")
+def export_megatron_cmd(dirs, prefix, partial, overwrite) -> None:
     """Megatron-LM / NeMo / GPT-NeoX indexed dataset of DIRS: one sequence per document."""
     try:
-        s = export_megatron(dirs, prefix)
+        s = export_megatron(dirs, prefix, partial, overwrite)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{s.documents:,} documents, {s.tokens:,} tokens -> {s.bin_path}, {s.idx_path} "
@@ -186,13 +191,15 @@ def export_megatron_cmd(dirs, prefix) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Which documents --sample picks.")
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer files for --sample, when the shards were not made with qwen2.5.")
-def verify_cmd(dirs, workers, sample, sources, seed, tokenizer) -> None:
+@click.option("--partial", is_flag=True,
+              help="Accept DIRS missing some tasks of a --num-tasks job (on purpose).")
+def verify_cmd(dirs, workers, sample, sources, seed, tokenizer, partial) -> None:
     """Check every checksum, size, EOS, id and total of DIRS; exit 1 naming each problem."""
     from pile_prep.verify import verify
 
     if sample and not sources:
         raise click.UsageError("--sample needs --source INPUT... (the files given to tokenize)")
-    report = verify(dirs, workers, sample, sources, seed, tokenizer)
+    report = verify(dirs, workers, sample, sources, seed, tokenizer, partial=partial)
     click.echo(report.format())
     raise SystemExit(0 if report.ok else 1)
 

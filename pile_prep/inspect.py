@@ -160,12 +160,13 @@ def inspect_report(
     show_tokens: bool = False,
     tokenizer: str | None = None,
     as_json: bool = False,
+    partial: bool = False,
 ) -> str:
     """What `pile-prep inspect` prints: the summary, then the first `decode` documents and `docs`.
 
     Raises ShardError (unreadable dataset or wrong tokenizer) or IndexError (no such document).
     """
-    ds = ShardDataset(dirs)
+    ds = ShardDataset(dirs, partial=partial)
     facts = summarize(ds)
     if show_tokens and not decode and not docs:
         decode = 1  # --tokens alone: show the first document

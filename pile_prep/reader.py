@@ -23,12 +23,13 @@ import numpy as np
 
 from pile_prep.shards import (
     FORMAT,
-    FORMAT_VERSION,
     INDEX_HEADER,
     INDEX_MAGIC,
     JOB,
     MANIFEST,
+    READABLE_VERSIONS,
     TOKEN_DTYPE,
+    TOKEN_LAYOUT_VERSION,
     index_size,
     size_problem,
 )
@@ -84,10 +85,10 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: cannot read: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ShardError(
             f"{path}: format_version {manifest.get('format_version')!r}, this reader reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     if (manifest.get("dtype"), manifest.get("byteorder")) != ("uint32", "little"):
         raise ShardError(f"{path}: dtype {manifest.get('dtype')!r} {manifest.get('byteorder')!r}, "
@@ -139,6 +140,73 @@ def read_index(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
     return offsets, sources
 
 
+def _job_of(manifest: dict[str, Any]) -> str:
+    """What makes two directories parts of one job: everything job.json holds but the task
+    index, with inputs by content (size and head_tail), not by path (each machine of a
+    `--num-tasks` job may mount the files elsewhere)."""
+    task = manifest.get("task", {"index": 0, "count": 1})
+    job = {
+        "tokenizer": manifest["tokenizer"].get("fingerprint"),
+        "text_field": manifest.get("text_field"),
+        "shard_bytes": manifest.get("shard_bytes"),
+        "tasks": task.get("count"),
+        "inputs": [[i.get("size"), i.get("head_tail")] for i in manifest["inputs"]],
+    }
+    return json.dumps(job, sort_keys=True)
+
+
+def directory_set_problems(
+    dirs: Sequence[Path], manifests: Sequence[dict[str, Any]], partial: bool = False
+) -> list[str]:
+    """Why `dirs` (with their loaded manifests) cannot be read as one dataset without counting
+    a document twice or missing a task, one message each; [] if they can.
+
+    Refused: the same directory twice (by inode, so a symlink or `a/../a` too), and two
+    directories holding the same task of the same job (a copy). Unless `partial`, a job split
+    with `--num-tasks` must come with every task.
+    """
+    problems = []
+    seen: dict[tuple[int, int], Path] = {}
+    tasks: dict[str, dict[int, Path]] = {}
+    for d, m in zip(dirs, manifests, strict=True):
+        st = d.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), d)
+        if first is not d:
+            problems.append(f"{d}: given twice (as {first} too); its documents would be read twice")
+            continue
+        task = m.get("task", {"index": 0, "count": 1})
+        other = tasks.setdefault(_job_of(m), {}).setdefault(task["index"], d)
+        if other is not d:
+            problems.append(f"{d} and {other} hold the same task {task['index']} of "
+                            f"{task['count']} of one job (a copy?); its documents would be read "
+                            "twice")  # fmt: skip
+    if not partial:
+        for d, m in zip(dirs, manifests, strict=True):
+            count = m.get("task", {"count": 1})["count"]
+            held = tasks.pop(_job_of(m), None)
+            if held is None or count == 1:
+                continue
+            missing = [t for t in range(count) if t not in held]
+            if missing:
+                problems.append(
+                    f"{d}: task(s) {_ranges(missing)} of its {count}-task job are not given "
+                    f"(given: {_ranges(sorted(held))}); pass every task's directory, or accept "
+                    "a partial set on purpose (--partial)"
+                )
+    return problems
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for n in numbers:
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
 def _as_dirs(dirs: str | Path | Sequence[str | Path]) -> list[Path]:
     if isinstance(dirs, (str, Path)):
         return [Path(dirs)]
@@ -176,9 +244,10 @@ class ShardDataset:
 
     `dirs`: a directory or a sequence of them (their streams are concatenated in that order).
     `expect_fingerprint`: the tokenizer fingerprint the caller was built for; data made with
-    another tokenizer is refused. Raises ShardError on a missing or unfinished manifest, another
-    format version, a shard whose files are missing or of the wrong size, or directories made
-    with different tokenizers.
+    another tokenizer is refused. `partial`: accept a set missing tasks of a `--num-tasks` job.
+    Raises ShardError on a missing or unfinished manifest, another format version, a shard whose
+    files are missing or of the wrong size, directories made with different tokenizers, or a
+    set that would count documents twice or miss tasks (`directory_set_problems`).
     """
 
     def __init__(
@@ -186,9 +255,13 @@ class ShardDataset:
         dirs: str | Path | Sequence[str | Path],
         expect_fingerprint: str | None = None,
         max_open: int = DEFAULT_MAX_OPEN,
+        partial: bool = False,
     ):
         self.dirs = _as_dirs(dirs)
         self.manifests = [load_manifest(d) for d in self.dirs]
+        problems = directory_set_problems(self.dirs, self.manifests, partial)
+        if problems:
+            raise ShardError("; ".join(problems))
         self.tokenizer: dict[str, Any] = dict(self.manifests[0]["tokenizer"])
         for d, m in zip(self.dirs[1:], self.manifests[1:], strict=True):
             t = m["tokenizer"]
@@ -259,7 +332,9 @@ class ShardDataset:
     def _data_fingerprint(self) -> str:
         h = hashlib.sha256()
         desc = {
-            "format_version": FORMAT_VERSION,
+            # The token layout's version: format 2 added shard metadata checksums only, so the
+            # same tokens keep one fingerprint (and one sample order) in either format.
+            "format_version": TOKEN_LAYOUT_VERSION,
             "tokenizer": self.tokenizer["fingerprint"],
             "dirs": [[[r["name"], r["tokens"], r["checksum"]] for r in m["shards"]]
                      for m in self.manifests],

@@ -13,7 +13,9 @@ import numpy as np
 import xxhash
 
 FORMAT = "pile-prep-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard records carry `metadata_checksum`
+TOKEN_LAYOUT_VERSION = 1  # the .bin/.idx layout, unchanged since format 1 (keys the data fingerprint)
+READABLE_VERSIONS = (1, 2)
 TOKEN_DTYPE = np.dtype("<u4")  # uint32: Qwen's 151,936 ids overflow uint16
 assert array("I").itemsize == 4, "ShardWriter needs a 4-byte C unsigned int"
 INDEX_MAGIC = b"PPIDX001"
@@ -97,6 +99,15 @@ def write_json(path: Path, obj: Any) -> None:
         raise OutputError(path.parent, e.strerror or str(e)) from None
 
 
+def metadata_checksum(record: dict[str, Any]) -> str:
+    """XXH3-128 of a shard record as canonical JSON (sorted keys, no spaces, UTF-8): source
+    labels, line ranges and skipped lines included; not this checksum itself, nor the tokens'
+    `checksum` (checked against the `.bin` bytes)."""
+    rest = {k: v for k, v in record.items() if k not in ("metadata_checksum", "checksum")}
+    data = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "xxh3_128:" + xxhash.xxh3_128(data.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def read_json(path: Path) -> Any:
     with open(path, "rb") as f:
         return json.load(f)
@@ -178,6 +189,7 @@ class ShardWriter:
                 {"name": s, "tokens": t, "documents": d} for s, (_, t, d) in self._sources.items()
             ],
         }
+        record["metadata_checksum"] = metadata_checksum(record)
         try:
             write_json(self.directory / f"{self.name}.json", record)
         except OutputError:

@@ -1,8 +1,9 @@
 """Streaming fallback: train straight from raw Pile-format files, tokenized and packed on the fly.
 
-Another reader feeding the same steps as `pile-prep tokenize`: Hugging Face `datasets` streaming
-reads the records (local `.jsonl[.zst|.gz]` / Parquet through the `json` / `parquet` builders, or
-a hub dataset's data files), the same tokenizer turns each non-empty text into its ids plus one
+Another reader feeding the same steps as `pile-prep tokenize`: JSONL records (local, or a hub
+dataset's data files through fsspec) are cut and parsed by `pile_prep.inputs.read_records`, the
+offline reader's own code, so a malformed line gets the same decision; Parquet is read by
+Hugging Face `datasets` streaming. The same tokenizer turns each non-empty text into its ids plus one
 EOS, and `BlockPacker` cuts the stream into blocks of S+1 tokens with stride S. With one reader
 and no shuffle the stream is the offline shards' stream, token for token (docs/STREAMING.md).
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pile_prep.inputs import expand_inputs
+from pile_prep.inputs import JSONL_SUFFIXES, expand_inputs
 from pile_prep.packing import BlockPacker, document_tokens
 from pile_prep.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer
 
@@ -147,8 +148,36 @@ def _builder(path: str) -> str:
     raise StreamingError(f"{path}: not a JSON Lines or Parquet file")
 
 
+def _jsonl_texts(path: str, text_field: str, skip: int) -> Iterator[str]:
+    """The text of every record of one JSONL file from record `skip` on, read and parsed by
+    `pile-prep tokenize`'s own code: one rule for a malformed line (`parse_line`)."""
+    from pile_prep.inputs import InputError, read_records
+
+    opener = open
+    if "://" in path:  # a hub dataset's file (hf://...): fsspec, which `datasets` brings
+        import fsspec
+
+        def opener(p: str, mode: str):
+            return fsspec.open(p, mode).open()
+
+    hint = "(pile-prep tokenize --skip-bad-lines can skip bad lines)"
+    try:
+        for record, rec in enumerate(read_records(path, text_field, opener)):
+            if record < skip:
+                continue
+            if rec.error is not None:
+                raise StreamingError(f"{path}, record {record + 1} (line {rec.line}): {rec.error} {hint}")
+            yield rec.text
+    except InputError as e:
+        raise StreamingError(f"{e} {hint}") from None
+
+
 def _texts(path: str, text_field: str, skip: int) -> Iterator[str]:
-    """The text of every record of one file from record `skip` on, through `datasets`."""
+    """The text of every record of one file from record `skip` on: JSONL by `_jsonl_texts`,
+    Parquet through `datasets`."""
+    if path.endswith(JSONL_SUFFIXES):
+        yield from _jsonl_texts(path, text_field, skip)
+        return
     import datasets
 
     ds = datasets.load_dataset(_builder(path), data_files=[path], split="train", streaming=True)

@@ -3,45 +3,29 @@
 from __future__ import annotations
 
 import fcntl
-import multiprocessing
 import os
-import queue
-import resource
-import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pile_prep.inputs import (
-    Chunk,
-    InputError,
-    chunk_checksum,
-    expand_inputs,
-    input_identity,
-    input_chunks,
-    iter_records,
-)
-from pile_prep.tasks import Share, task_shares
+from pile_prep import pipeline
+from pile_prep.inputs import InputError, expand_inputs, input_identity
+from pile_prep.pipeline import FIELD_HINT, Settings, WorkerDied, no_field
 from pile_prep.shards import (
     FORMAT,
     FORMAT_VERSION,
     JOB,
     MANIFEST,
-    MAX_BAD_LINES_LISTED,
     OutputError,
-    ShardWriter,
     is_temp,
     read_json,
-    shard_is_done,
-    shard_name,
     write_json,
 )
+from pile_prep.tasks import task_shares
 from pile_prep.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 DEFAULT_SHARD_BYTES = 64 << 20  # of input text: ~16M tokens, a 64 MB .bin per shard
@@ -81,127 +65,6 @@ class TokenizeSummary:
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# --- worker side -------------------------------------------------------------------------------
-# Each worker process loads the tokenizer once (pool initializer) and keeps it for its life,
-# with the queue its progress goes to and the event that tells it to stop after a failure.
-_worker_tokenizer = None
-_worker_progress = None
-_worker_stop = None
-
-
-def _init_worker(spec: str, parent: int, progress, stop) -> None:
-    global _worker_tokenizer, _worker_progress, _worker_stop
-    _die_with(parent)
-    _worker_tokenizer = load_tokenizer(spec)
-    _worker_progress, _worker_stop = progress, stop
-
-
-@dataclass(frozen=True)
-class _Work:
-    """One worker call: the chunks of one input in `share` (the worker reads the input itself)."""
-
-    input_index: int
-    path: Path
-    share: Share
-
-
-def _tokenize_share(work: _Work, output: Path, opts: TokenizeOptions) -> dict:
-    """Cut the input, and tokenize (or find done) each chunk of the share, in order.
-
-    The worker decompresses and cuts the input itself: no chunk passes through the main
-    process. Chunks of other shares are cut and dropped (decompression is ~60x faster than
-    tokenizing, so a file shared by k workers costs each ~k/60 extra).
-    """
-    records, resumed = [], 0
-    for chunk in input_chunks(work.input_index, work.path, opts.shard_bytes, opts.text_field):
-        if not work.share.takes(chunk.chunk_index):
-            continue
-        if _worker_stop.is_set():  # another worker failed: stop between shards
-            break
-        if chunk.error is not None and not opts.skip_bad_lines:
-            raise InputError(chunk.path, chunk.last_line + 1, chunk.error)
-        name = shard_name(chunk.input_index, chunk.chunk_index)
-        done = shard_is_done(output, name)
-        if done is not None and _same_input(done, chunk):
-            record, tokens = done, 0
-            resumed += 1
-        else:
-            if done is not None:  # a record of other input bytes is stale: redo the shard
-                (output / f"{name}.json").unlink()
-            record = _tokenize_chunk(chunk, output, opts.text_field, opts.skip_bad_lines)
-            tokens = record["tokens"]
-        records.append(record)
-        text_bytes = len(chunk.lines) if chunk.rows is None and tokens else 0
-        _worker_progress.put((chunk.input_index, chunk.progress, tokens, text_bytes))
-    return {"records": records, "resumed": resumed, "rss_mb": _peak_rss_mb()}
-
-
-def _die_with(parent: int) -> None:
-    """Exit when the main process dies (kill -9 included): no orphan workers keep running."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
-def _tokenize_chunk(chunk: Chunk, output: Path, text_field: str, skip_bad: bool) -> dict:
-    tok = _worker_tokenizer
-    writer = ShardWriter(output, shard_name(chunk.input_index, chunk.chunk_index))
-    skipped: list[list] = []
-    bad: list[dict] = []
-    try:  # any failure: abort, so that no temp file of this shard stays
-        for rec in iter_records(chunk, text_field):
-            if rec.blank:
-                skipped.append([rec.line, "blank"])
-                continue
-            if rec.error is not None:
-                if not skip_bad:
-                    raise InputError(chunk.path, rec.line, rec.error)
-                skipped.append([rec.line, "bad"])
-                bad.append({"file": chunk.path, "line": rec.line, "reason": rec.error})
-                continue
-            if rec.text == "":
-                skipped.append([rec.line, "empty"])
-                continue
-            for piece in tok.encode_pieces(rec.text):
-                writer.write_tokens(piece)
-            writer.end_document(tok.eos_id, rec.source)
-        if chunk.error is not None:
-            skipped.append([chunk.last_line + 1, "bad"])
-            bad.append({"file": chunk.path, "line": chunk.last_line + 1, "reason": chunk.error})
-    except BaseException:
-        writer.abort()
-        raise
-    record = writer.commit(
-        {
-            "input": chunk.input_index,
-            "chunk": chunk.chunk_index,
-            "first_line": chunk.first_line,
-            "last_line": chunk.last_line,
-            "input_checksum": chunk_checksum(chunk),
-            "skipped_lines": skipped,
-            "bad_lines": bad[:MAX_BAD_LINES_LISTED],
-        }
-    )
-    return record
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM is this process's own peak; ru_maxrss survives exec, so a spawned worker would
-    # report its parent's peak.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- main side ---------------------------------------------------------------------------------
@@ -248,17 +111,12 @@ def _differences(old: dict, new: dict) -> list[str]:
             was = old.get(key, {})
             diffs.append(f"tokenizer {was.get('name')} ({was.get('fingerprint')}) -> "
                          f"{new[key]['name']} ({new[key]['fingerprint']})")  # fmt: skip
+        elif key == "format_version" and old.get(key) != new[key]:
+            diffs.append(f"written by another pile-prep (format version {old.get(key)}, this one "
+                         f"writes {new[key]})")  # fmt: skip
         elif key not in ("inputs", "tokenizer") and old.get(key) != new[key]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
     return diffs
-
-
-def _same_input(record: dict, chunk: Chunk) -> bool:
-    """Whether a finished shard was made from exactly this chunk's lines and bytes."""
-    span = (chunk.first_line, chunk.last_line)
-    if (record["first_line"], record["last_line"]) != span:
-        return False
-    return record.get("input_checksum") == chunk_checksum(chunk)
 
 
 def _remove_stale_shards(output: Path, names: set[str]) -> None:
@@ -351,6 +209,26 @@ def _manifest(job: dict, records: list[dict]) -> dict[str, Any]:
     }
 
 
+def _refuse_all_bad(manifest: dict[str, Any], text_field: str) -> None:
+    """A run in which every line was bad made no dataset: an error, and no manifest. (An input
+    that breaks before its first line is not a bad line of it: it counts as bad, at
+    `last_line + 1`, and an empty dataset from it is what --skip-bad-lines asked for.)"""
+    t = manifest["totals"]
+    breaks = sum(1 for r in manifest["shards"] for line, why in r["skipped_lines"]
+                 if why == "bad" and line == r["last_line"] + 1)  # fmt: skip
+    if t["bad_lines"] == breaks or t["documents"] or t["skipped_empty"]:
+        return
+    first = next((b for b in manifest["bad_lines"] if not b["reason"].startswith("corrupt")),
+                 manifest["bad_lines"][0])
+    hint = "fix the input, or give other inputs"
+    if no_field(first["reason"], text_field):
+        hint = f"{FIELD_HINT} (and --overwrite, or another --output)"
+    raise TokenizeError(
+        f"every line was bad ({t['bad_lines']:,} bad lines; the first: {first['file']}, line "
+        f"{first['line']}: {first['reason']}); no dataset is written: {hint}"
+    )
+
+
 def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
     """Tokenize `opts.inputs` into shards under `opts.output`; resumes a previous partial run."""
     if not 0 <= opts.task_index < opts.num_tasks:
@@ -391,14 +269,6 @@ def _kept(output: Path) -> str:
             "the same command to resume")  # fmt: skip
 
 
-def _works(shares: dict[int, Share], inputs: list[Path], workers: int) -> list[_Work]:
-    """The task's inputs as worker calls: whole shares, or with fewer inputs than workers, each
-    share split k ways (k = ceil(workers / inputs)) so that every worker has one."""
-    k = -(-workers // len(shares)) if len(shares) < workers else 1
-    return [_Work(i, inputs[i], Share(s.stride * k, s.phase + s.stride * j))
-            for i, s in shares.items() for j in range(k)]  # fmt: skip
-
-
 def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, start: float):
     workers = opts.workers or usable_cores()
     records: dict[str, dict] = {}
@@ -412,64 +282,54 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
     )  # fmt: skip
     last_progress: dict[int, int] = {}
 
-    def advance(progress_queue) -> None:
+    def advance(input_index: int, end: int, tokens: int, text_bytes: int) -> None:
         nonlocal tokens_run, bytes_run
-        while True:
-            try:
-                input_index, end, tokens, text_bytes = progress_queue.get_nowait()
-            except queue.Empty:
-                break
-            # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
-            # (Sharers of one input report ends out of order: the bar takes the furthest.)
-            prev = last_progress.get(input_index, 0)
-            if end and end > prev:
-                bar.update(end - prev)
-                last_progress[input_index] = end
-            tokens_run += tokens
-            bytes_run += text_bytes
+        # Progress in input-file bytes (compressed for .zst/.gz); Parquet advances per file.
+        # (Chunks of one input finish out of order: the bar takes the furthest.)
+        prev = last_progress.get(input_index, 0)
+        if end and end > prev:
+            bar.update(end - prev)
+            last_progress[input_index] = end
+        tokens_run += tokens
+        bytes_run += text_bytes
         elapsed = time.perf_counter() - start
         bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
 
     failure: BaseException | None = None
-    ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
-    progress, stop = ctx.Queue(), ctx.Event()
-    init = (opts.tokenizer, os.getpid(), progress, stop)
-    with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
-        pending = {pool.submit(_tokenize_share, w, output, opts) for w in _works(shares, inputs, workers)}
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                advance(progress)
-                for fut in done:
-                    try:
-                        result = fut.result()
-                    except BaseException as e:  # the others stop after their current shard
-                        failure = failure or e
-                        stop.set()
-                        continue
-                    records.update((r["name"], r) for r in result["records"])
-                    resumed += result["resumed"]
-                    rss = max(rss, result["rss_mb"])
-        except BaseException:
-            stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            bar.close()
-            raise
-    advance(progress)
+    settings = Settings(output, opts.tokenizer, opts.text_field, opts.shard_bytes, opts.skip_bad_lines)
+    try:
+        for message in pipeline.run(settings, shares, inputs, workers):
+            kind = message[0]
+            if kind == "record":
+                records[message[1]["name"]] = message[1]
+                resumed += message[2]
+            elif kind == "progress":
+                advance(*message[1:])
+            elif kind == "rss":
+                rss = max(rss, message[1])
+            else:  # "failed": the others stop after their current shard
+                failure = message[1]
+    except BaseException:
+        bar.close()
+        raise
     bar.close()
     if failure is not None:
         if isinstance(failure, InputError):
+            if failure.hint is not None:
+                raise TokenizeError(f"{failure}\nThe input's first line has no such key: "
+                                    f"{failure.hint} (and --overwrite, or another --output)") from failure  # fmt: skip
             raise TokenizeError(
                 f"{failure}\n{_finished(output)} finished shards are kept in {output}: rerun the same "
                 "command to resume, with --skip-bad-lines to skip such lines"
             ) from failure
-        if isinstance(failure, BrokenProcessPool):
+        if isinstance(failure, WorkerDied):
             raise TokenizeError(f"a worker process died (killed, or out of memory?); "
                                 f"{_kept(output)}") from None  # fmt: skip
         raise failure
 
     _remove_stale_shards(output, set(records))
     manifest = _manifest(job, [records[k] for k in sorted(records)])
+    _refuse_all_bad(manifest, opts.text_field)
     write_json(output / MANIFEST, manifest)
     return TokenizeSummary(
         manifest=manifest,

@@ -23,13 +23,15 @@ import numpy as np
 import xxhash
 
 from pile_prep.inputs import InputError, expand_inputs, input_chunks, iter_records
-from pile_prep.reader import ShardDataset, ShardError, _as_dirs, load_manifest
+from pile_prep.reader import ShardDataset, ShardError, _as_dirs, directory_set_problems, load_manifest
 from pile_prep.shards import (
     INDEX_HEADER,
     INDEX_MAGIC,
+    JOB,
     MANIFEST,
     index_size,
     is_temp,
+    metadata_checksum,
     read_json,
     shard_name,
 )
@@ -311,6 +313,11 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
             t["tokens"] += s["tokens"]
             t["documents"] += s["documents"]
         _check_record_file(directory, r, out)
+        if manifest["format_version"] >= 2 and r.get("metadata_checksum") != metadata_checksum(r):
+            what = "has no metadata_checksum" if "metadata_checksum" not in r else (
+                "metadata (sources, line ranges, skipped lines, ...) changed after it was written: "
+                f"metadata_checksum {r['metadata_checksum']}, the record hashes to {metadata_checksum(r)}")
+            out.add("metadata checksum", f"{where}: {what}")
     for key, value in totals.items():
         if manifest["totals"].get(key) != value:
             out.add("totals", f"totals.{key} is {manifest['totals'].get(key)}, the shards add up "
@@ -319,6 +326,7 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
         have, want = manifest["sources"].get(name), sources.get(name)
         if have != want:
             out.add("sources", f"sources[{name!r}] is {have}, the shards add up to {want}")
+    _check_job(directory, manifest, out)
     tok = manifest["tokenizer"]
     if not 0 <= tok["eos_id"] < tok["vocab_size"]:
         out.add("tokenizer", f"tokenizer eos_id {tok['eos_id']} >= vocab_size {tok['vocab_size']}")
@@ -331,6 +339,27 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
     task = manifest.get("task", {"index": 0, "count": 1})
     _check_coverage(records, task_shares(len(manifest["inputs"]), task["count"], task["index"]), out)
     return out.finish()
+
+
+def _check_job(directory: Path, manifest: dict[str, Any], out: _Collector) -> None:
+    """The manifest repeats job.json (what the run was started with): every key must agree, the
+    tokenizer's name, fingerprint and vocab size included."""
+    try:
+        job = read_json(directory / JOB)
+    except FileNotFoundError:
+        out.add("job", f"{JOB} is missing: the manifest's tokenizer and inputs cannot be checked")
+        return
+    except ValueError as e:
+        out.add("job", f"{JOB} is not JSON: {e}")
+        return
+    for key in job:
+        have, want = manifest.get(key), job[key]
+        if key == "tokenizer" and isinstance(have, dict) and isinstance(want, dict):
+            for k in sorted(have.keys() | want.keys()):
+                if have.get(k) != want.get(k):
+                    out.add("job", f"tokenizer.{k} is {have.get(k)!r}, {JOB} says {want.get(k)!r}")
+        elif have != want:
+            out.add("job", f"{key} differs from {JOB}'s")
 
 
 def _check_coverage(records: list[dict[str, Any]], shares: dict[int, Share], out: _Collector) -> None:
@@ -478,7 +507,7 @@ def sample_check(
     datasets = []
     for d in dirs:
         try:
-            datasets.append(ShardDataset(d))
+            datasets.append(ShardDataset(d, partial=True))  # (the set is verify's to judge)
         except ShardError as e:
             if notes is not None:
                 notes.append(f"{d} not sampled: the reader refuses it ({e})")
@@ -511,16 +540,19 @@ def verify(
     seed: int = 0,
     tokenizer: str | None = None,
     block_bytes: int = BLOCK_BYTES,
+    partial: bool = False,
 ) -> VerifyReport:
     """Check `dirs` completely; `sample` documents are also re-tokenized from `sources`.
 
     `workers`: processes checking shards in parallel; 0 picks all usable cores for large data
-    and fewer (down to checking in this process) for small.
+    and fewer (down to checking in this process) for small. `partial`: accept a set missing
+    tasks of a `--num-tasks` job (the readers' rule, `directory_set_problems`).
     """
     start = time.perf_counter()
     report = VerifyReport(_as_dirs(dirs))
     checks: list[ShardCheck] = []
     tokenizer_of: dict[str, Path] = {}
+    loaded: list[tuple[Path, dict[str, Any]]] = []
     for d in report.dirs:
         try:
             manifest = load_manifest(d)
@@ -528,6 +560,11 @@ def verify(
             message = str(e).removeprefix(f"{d / MANIFEST}: ").removeprefix(f"{d}: ")
             report.problems.append(Problem(str(d / MANIFEST), message))
             continue
+        loaded.append((d, manifest))
+        if manifest["format_version"] < 2:
+            report.notes.append(f"{d}: format version {manifest['format_version']}: its shard "
+                                "metadata (sources, line ranges, skipped lines) has no checksum and "
+                                "was not checked; retokenize to get one")  # fmt: skip
         tokenizer_of.setdefault(manifest["tokenizer"]["fingerprint"], d)
         try:
             report.problems += _check_manifest(d, manifest)
@@ -538,6 +575,8 @@ def verify(
             checks.append(ShardCheck(d, r, tok["vocab_size"], tok["eos_id"], block_bytes))
             report.tokens += r["tokens"]
             report.documents += r["documents"]
+    set_problems = directory_set_problems([d for d, _ in loaded], [m for _, m in loaded], partial)
+    report.problems += [Problem(", ".join(map(str, report.dirs)), p) for p in set_problems]
     if len(tokenizer_of) > 1:
         report.problems.append(Problem(", ".join(map(str, tokenizer_of.values())),
                                        "made with different tokenizers"))  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import unicodedata
 from pathlib import Path
@@ -201,8 +202,8 @@ def test_refusals_name_what_is_wrong(data, tmp_path):
         ShardDataset(unfinished)
 
     version = copy("version")
-    _edit_manifest(version, lambda m: m.update(format_version=2))
-    with pytest.raises(ShardError, match="format_version 2"):
+    _edit_manifest(version, lambda m: m.update(format_version=3))
+    with pytest.raises(ShardError, match="format_version 3"):
         ShardDataset(version)
     key = copy("key")
     _edit_manifest(key, lambda m: m["shards"][1].pop("checksum"))
@@ -260,3 +261,52 @@ def test_sources_at_matches_token_source_ids(tmp_path):
     assert np.array_equal(ds.sources_at(np.arange(ds.num_tokens)), every)
     with pytest.raises(IndexError):
         ds.sources_at(np.array([ds.num_tokens]))
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """A 3-task job over 3 small inputs: one directory per task."""
+    root = tmp_path_factory.mktemp("tasks")
+    inputs = write_sample_corpus(root / "in", num_files=2, docs_per_file=60, seed=1)
+    dirs = []
+    for t in range(3):
+        tokenize(TokenizeOptions(inputs=[str(p) for p in inputs], output=root / f"t{t}", workers=1,
+                                 shard_bytes=5_000, num_tasks=3, task_index=t, progress=False))  # fmt: skip
+        dirs.append(root / f"t{t}")
+    return dirs
+
+
+def test_directory_sets_cannot_double_count(tasks, data, tmp_path):
+    from click.testing import CliRunner
+
+    from pile_prep.cli import main as cli
+    from pile_prep.export import ExportError, export_megatron
+
+    t0, t1, t2 = tasks
+    whole = ShardDataset(tasks)
+    assert whole.num_documents == sum(ShardDataset(t, partial=True).num_documents for t in tasks)
+    link = tmp_path / "link"
+    link.symlink_to(t0)
+    copy = shutil.copytree(t0, tmp_path / "copy")
+    for dirs, why in (([t0, t0, t1, t2], "given twice"), ([t0, link, t1, t2], "given twice"),
+                      ([data["train"], data["train"]], "given twice"),
+                      ([t0, t1, t2, copy], "same task 0 of 3 of one job"),
+                      ([t0, t2], r"task\(s\) 1 of its 3-task job are not given \(given: 0, 2\)"),
+                      ([t1], r"task\(s\) 0, 2 of its"), ([data["val"], t0, t1], r"task\(s\) 2 ")):  # fmt: skip
+        with pytest.raises(ShardError, match=why):
+            ShardDataset(dirs)
+        assert any(re.search(why, str(p)) for p in verify(dirs, workers=1).problems), dirs
+        with pytest.raises(ExportError, match=why):
+            export_megatron(dirs, tmp_path / "m")
+    # A partial set on purpose; duplicates stay refused.
+    assert ShardDataset([t0, t2], partial=True).num_shards == ShardDataset(t0, partial=True).num_shards + \
+        ShardDataset(t2, partial=True).num_shards
+    assert verify([t2, t0], workers=1, partial=True).ok
+    with pytest.raises(ShardError, match="given twice"):
+        ShardDataset([t0, t0], partial=True)
+    result = CliRunner().invoke(cli, ["verify", str(t1), "-j", "1"])
+    assert result.exit_code == 1 and "--partial" in result.output
+    assert CliRunner().invoke(cli, ["verify", str(t1), "-j", "1", "--partial"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["export", "megatron", str(t1), "-o", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "--partial" in result.output
+    assert CliRunner().invoke(cli, ["inspect", str(t1), "--partial"]).exit_code == 0

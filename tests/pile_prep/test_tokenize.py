@@ -185,7 +185,7 @@ def test_tasks_union_is_byte_identical_to_one_task(sample_corpus, tmp_path):
         task = tmp_path / ("t0" if name in n0 else "t1")
         for ext in ("bin", "idx", "json"):
             assert (task / f"{name}.{ext}").read_bytes() == (tmp_path / "one" / f"{name}.{ext}").read_bytes()
-    assert verify(tmp_path / "t0", workers=1).ok and verify(tmp_path / "t1", workers=1).ok
+    assert verify([tmp_path / "t0", tmp_path / "t1"], workers=1).ok
 
 
 def test_refuses_output_of_other_inputs(sample_corpus, tmp_path):
@@ -401,3 +401,62 @@ def test_corrupt_parquet_is_a_bad_input_not_a_crash(tmp_path):
         run([path], tmp_path / "o")
     m = run([path], tmp_path / "o", skip_bad_lines=True).manifest
     assert m["totals"]["bad_lines"] == 1 and m["totals"]["documents"] < 4000
+
+
+def test_wrong_text_field_is_named_with_the_keys_seen(tmp_path):
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", [{"content": f"doc {i}", "meta": {}} for i in range(20)])
+    args = ["tokenize", str(path), "-o", str(tmp_path / "o"), "-j", "1", "-q", "--shard-mb", "0.0002"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "line 1: no 'text' field (keys: 'content', 'meta')" in result.output
+    assert "--text-field" in result.output and "--skip-bad-lines" not in result.output
+    # Every line bad under --skip-bad-lines: no dataset, a non-zero exit, the same hint.
+    for _ in range(2):  # and the same on the rerun
+        result = CliRunner().invoke(cli, args + ["--skip-bad-lines"])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: every line was bad (20 bad lines; the first: ")
+        assert "keys: 'content', 'meta'" in result.output and "--text-field" in result.output
+        assert result.output.count("\n") == 1
+        assert not (tmp_path / "o" / "manifest.json").exists()
+    result = CliRunner().invoke(cli, args + ["--skip-bad-lines", "--text-field", "content", "--overwrite"])
+    assert result.exit_code == 0, result.output
+
+
+def test_each_input_is_read_by_one_reader_only():
+    from pile_prep.pipeline import reader_inputs
+
+    paths = [Path(f"{i:02d}.jsonl.zst") for i in range(30)]
+    for files, tasks, workers in ((30, 1, 64), (30, 1, 128), (30, 1, 4), (1, 1, 128), (3, 2, 5), (30, 64, 8)):
+        for task in range(tasks):
+            shares = task_shares(files, tasks, task)
+            readers = reader_inputs(shares, paths[:files], workers)
+            assert len(readers) == min(len(shares), workers)  # no more readers than inputs or workers
+            dealt = [(i, share) for job in readers for i, _, share in job]
+            assert sorted(dealt) == sorted(shares.items())  # every input of the task, once
+
+
+def test_one_input_many_workers_and_a_shared_input_are_byte_identical(sample_corpus, tmp_path):
+    one = [sample_corpus[0]]
+    run(one, tmp_path / "w1", shard_bytes=20_000, workers=1)
+    run(one, tmp_path / "w5", shard_bytes=20_000, workers=5)  # 1 reader feeding 5 workers
+    assert_same_dirs(tmp_path / "w1", tmp_path / "w5")
+    inputs = [*sample_corpus, sample_corpus[0].parent / "val.jsonl.zst"]
+    run(inputs, tmp_path / "all", shard_bytes=20_000, workers=1)
+    for task in range(2):  # input 2 shared by both tasks; 4 workers, 2 readers each
+        run(inputs, tmp_path / f"t{task}", shard_bytes=20_000, workers=4, num_tasks=2, task_index=task)
+    union = {p.name for t in range(2) for p in (tmp_path / f"t{t}").glob("shard-*")}
+    assert union == {p.name for p in (tmp_path / "all").glob("shard-*")}
+    for name in union:
+        task = next(tmp_path / f"t{t}" for t in range(2) if (tmp_path / f"t{t}" / name).exists())
+        assert (task / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+
+
+def test_no_chunk_is_lost_behind_the_end_marks(tmp_path):
+    # Many chunks larger than the pipe's buffer, one reader, 12 workers: the last chunks a reader
+    # puts must reach a worker before the end marks do.
+    docs = [pile_record(f"document {i} " + "word " * 800, "Pile-CC") for i in range(1200)]
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", docs)
+    one = run([path], tmp_path / "w1", shard_bytes=150_000, workers=1).manifest
+    many = run([path], tmp_path / "w12", shard_bytes=150_000, workers=12).manifest
+    assert len(many["shards"]) == len(one["shards"]) > 30
+    assert_same_dirs(tmp_path / "w1", tmp_path / "w12")

@@ -193,3 +193,35 @@ def test_random_texts_pieces_give_identical_ids(tiktoken_tok, monkeypatch):
     monkeypatch.setattr(tokmod, "_PIECE_CHARS", 40)
     assert sum(len(list(tiktoken_tok.encode_pieces(t))) for t in texts) > 3000
     assert [tiktoken_tok.encode(t) for t in texts] == whole
+
+
+def test_qwen_shaped_files_encode_with_tiktoken(tiktoken_tok, hf_dir, real_tokenizer_json):
+    for path in (hf_dir, real_tokenizer_json, real_tokenizer_json.parent):
+        tok = load_tokenizer(str(path))
+        assert tok.engine == "tiktoken", path
+        assert tok.fingerprint == tiktoken_tok.fingerprint and tok.vocab_size == 151665
+        for text in TEXTS + ADDED_TOKEN_TEXTS:
+            ids = tok.encode(text)
+            assert ids == tiktoken_tok.encode(text), text
+            assert ids == tok._tok.encode(nfc(text), add_special_tokens=False).ids  # `tokenizers`' own
+            assert all(type(i) is int for i in ids)
+
+
+@pytest.mark.parametrize("change", ["normalizer", "regex", "merge order", "dropout"])
+def test_files_tiktoken_cannot_express_keep_tokenizers(real_tokenizer_json, tmp_path, change):
+    spec = json.loads(real_tokenizer_json.read_text())
+    if change == "normalizer":
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}
+    elif change == "regex":
+        spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    elif change == "merge order":  # the last merge first: merges no longer in the ids' order
+        merges = spec["model"]["merges"]
+        merges.insert(0, merges.pop())
+    else:
+        spec["model"]["dropout"] = 0.5
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    tok = load_tokenizer(str(path))
+    assert tok.engine == "tokenizers"
+    text = "The theory of THE thermal"
+    assert tok.encode(text) == tok._tok.encode(nfc(text), add_special_tokens=False).ids or change == "dropout"

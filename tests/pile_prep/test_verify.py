@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from pile_prep.cli import main
 from pile_prep.reader import ShardDataset
 from pile_prep.sample import write_sample_corpus
-from pile_prep.tokenize import TokenizeOptions, tokenize
+from pile_prep.tokenize import TokenizeError, TokenizeOptions, tokenize
 from pile_prep.verify import MAX_PER_KIND, verify
 
 EOS = 151643
@@ -180,7 +180,7 @@ def test_manifest_of_another_version_or_missing(shards, tmp_path):
     _write_manifest(shards, m)
     (lines,) = [_lines(verify([shards, tmp_path / "none"], workers=1))]
     man = shards / "manifest.json"
-    assert lines[0] == f"{man}: format_version 7, this reader reads version 1"
+    assert lines[0] == f"{man}: format_version 7, this reader reads versions 1, 2"
     assert lines[1] == f"{tmp_path / 'none' / 'manifest.json'}: no such directory"
 
 
@@ -315,3 +315,78 @@ def test_sample_names_a_missing_input(made, shards, tmp_path):
     lines = _lines(verify(shards, workers=1, sample=600, sources=[str(only)]))
     assert lines and all("is not among the --source files" in x for x in lines)
     assert any(x.startswith(str(made["inputs"] / "01.jsonl.zst")) for x in lines)
+
+
+def _edit_records(d: Path, edit) -> dict:
+    """Apply `edit` to every shard record, in the manifest and in its .json alike."""
+    m = _manifest(d)
+    for r in m["shards"]:
+        edit(r)
+        (d / f"{r['name']}.json").write_text(json.dumps(r))
+    _write_manifest(d, m)
+    return m
+
+
+def test_manifest_tokenizer_is_checked_against_the_job(shards):
+    m = _manifest(shards)
+    m["tokenizer"].update(name="hf:/other", fingerprint="sha256:" + "1" * 64, vocab_size=151936)
+    _write_manifest(shards, m)
+    lines = _lines(verify(shards, workers=1))
+    man = shards / "manifest.json"
+    assert f"{man}: tokenizer.fingerprint is 'sha256:{'1' * 64}', job.json says " in "\n".join(lines)
+    assert any(x.startswith(f"{man}: tokenizer.name is 'hf:/other', job.json says 'qwen2.5'") for x in lines)
+    assert f"{man}: tokenizer.vocab_size is 151936, job.json says 151665" in lines
+    assert len(lines) == 3, lines
+    (shards / "job.json").unlink()
+    assert f"{man}: job.json is missing: the manifest's tokenizer and inputs cannot be checked" in _lines(
+        verify(shards, workers=1))
+
+
+@pytest.mark.parametrize("edit", ["source label", "line range", "skipped line"])
+def test_shard_metadata_is_covered_by_a_checksum(shards, edit):
+    def change(r: dict) -> None:
+        if r["name"] != "shard-00000-000002":
+            return
+        if edit == "source label":  # relabel a source everywhere: totals still add up
+            r["sources"][0]["name"] = "Relabelled"
+        elif edit == "line range":
+            r["first_line"] += 1
+        else:
+            r["skipped_lines"].append([r["last_line"], "bad"])
+
+    m = _edit_records(shards, change)
+    if edit == "source label":
+        sources = {}
+        for r in m["shards"]:
+            for s in r["sources"]:
+                t = sources.setdefault(s["name"], {"tokens": 0, "documents": 0})
+                t["tokens"] += s["tokens"]
+                t["documents"] += s["documents"]
+        m["sources"] = dict(sorted(sources.items()))
+        _write_manifest(shards, m)
+    lines = _lines(verify(shards, workers=1))
+    assert any("shard-00000-000002): metadata (sources, line ranges, skipped lines, ...) changed" in x
+               for x in lines), lines  # fmt: skip
+
+
+def test_a_version_1_output_is_read_and_verified_with_a_note(made, shards):
+    def drop(r: dict) -> None:
+        del r["metadata_checksum"]
+
+    m = _edit_records(shards, drop)
+    m["format_version"] = 1
+    _write_manifest(shards, m)
+    job = json.loads((shards / "job.json").read_text())
+    (shards / "job.json").write_text(json.dumps({**job, "format_version": 1}))
+    report = verify(shards, workers=1)
+    assert report.ok, report.format()
+    assert report.notes == [f"{shards}: format version 1: its shard metadata (sources, line ranges, "
+                            "skipped lines) has no checksum and was not checked; retokenize to get one"]  # fmt: skip
+    assert ShardDataset(shards).num_documents == report.documents
+    inputs = [str(p) for p in sorted(made["inputs"].glob("0*.jsonl.zst"))] + [str(made["inputs"] / "val.jsonl.zst")]
+    with pytest.raises(TokenizeError, match=r"\(written by another pile-prep \(format version 1, this one writes 2\)\)"):
+        tokenize(TokenizeOptions(inputs=inputs, output=shards, workers=1, shard_bytes=50_000, progress=False))
+    m["format_version"] = 2  # claiming version 2 without the checksums
+    _write_manifest(shards, m)
+    (shards / "job.json").write_text(json.dumps(job))
+    assert any("has no metadata_checksum" in x for x in _lines(verify(shards, workers=1)))
