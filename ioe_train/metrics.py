@@ -49,15 +49,17 @@ def heatmap_figure(load: np.ndarray) -> Any:
 
     shares = load_shares(load)  # [L, E]
     layers, experts = shares.shape
-    fig = Figure(figsize=(1.6 + 0.35 * experts, 1.0 + 0.25 * layers), dpi=100, layout="constrained")
+    # At least 3 inches tall: a colour bar of 2 layers' height cuts its own label off.
+    fig = Figure(figsize=(1.6 + 0.35 * experts, max(3.0, 1.0 + 0.25 * layers)), dpi=100, layout="constrained")
     ax = fig.add_subplot()
+    ax.set_title(f"share of tokens per expert (balanced: {1 / experts:.3f})", fontsize=10)
     image = ax.imshow(shares, cmap="viridis", vmin=0, vmax=max(2 / experts, float(shares.max())),
                       aspect="auto", interpolation="nearest")  # fmt: skip
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(experts))
     ax.set_yticks(range(0, layers, max(1, layers // 12)))
-    fig.colorbar(image, ax=ax, label=f"share of tokens (balanced {1 / experts:.3f})")
+    fig.colorbar(image, ax=ax, label="share of tokens")
     return fig
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ioe_train.config import load_config
-from ioe_train.metrics import MetricsLogger, format_line
+from ioe_train.metrics import MetricsLogger, format_line, heatmap_figure
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 STEP = {"loss/total": 2.0, "loss/ce": 1.9, "loss/aux": 1.0, "loss/router": 0.01, "lr": 1e-3, "grad_norm": 0.5,
@@ -93,3 +93,18 @@ def test_wandb_offline_gets_the_scalars_and_the_config(tmp_path, monkeypatch):
     for key in keys:
         assert key in records, key
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss/ce"] == 2.5
+
+
+@pytest.mark.parametrize("layers, experts", [(2, 16), (24, 8)])
+def test_the_heatmap_shows_its_labels_whole(layers, experts):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = heatmap_figure(np.full((layers, experts), 10.0))
+    FigureCanvasAgg(fig).draw()
+    box = fig.bbox
+    colorbar = fig.axes[1]
+    texts = [colorbar.yaxis.label, fig.axes[0].title, fig.axes[0].xaxis.label, fig.axes[0].yaxis.label]
+    for text in texts:
+        extent = text.get_window_extent()
+        inside = box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1
+        assert text.get_text() and inside, text
