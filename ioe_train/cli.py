@@ -183,13 +183,14 @@ def eval_cmd(run_dir, dirs, batches, packing, per_document, routing, as_json) ->
         batch_size = cfg.eval.batch_size or cfg.micro_batch_size
         diag = gap = None
         if routing:
-            eval_set = EvalSet([str(d) for d in dirs], cfg.data.seq_len, 0, 1, packing, Path(run_dir) / "data_index")
+            eval_set = EvalSet([str(d) for d in dirs], cfg.data.seq_len, 0, 1, packing, Path(run_dir) / "data_index",
+                               progress=True)  # fmt: skip
             diag = routing_diagnostics(model, eval_set, batch_size, batches, per_document=per_document)
             losses = diag.losses
             gap = train_val_gap(read_metrics(run_dir)) if (Path(run_dir) / "metrics.jsonl").is_file() else None
         else:
             losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len, batch_size, batches, packing, per_document,
-                                   Path(run_dir) / "data_index")  # fmt: skip
+                                   Path(run_dir) / "data_index", progress=True)  # fmt: skip
     except (RunError, ShardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

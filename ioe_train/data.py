@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from ioe_train.config import ConfigError, DataConfig
 from ioe_train.order import FeistelPermutation, SampleOrder, derive_key, hash_uniform
@@ -242,7 +243,8 @@ class EvalSet:
     """
 
     def __init__(self, dirs: list[str], seq_len: int, rank: int, world_size: int, packing: str = "stream",
-                 cache_dir: Path | None = None):  # fmt: skip
+                 cache_dir: Path | None = None, progress: bool = False):  # fmt: skip
+        self.progress = progress  # a progress bar on stderr per pass over the batches (on a terminal)
         self.ds = ShardDataset(dirs)
         if packing != "stream" and cache_dir is None:
             raise ValueError(f"packing {packing!r} needs a cache directory for its document order")
@@ -264,7 +266,9 @@ class EvalSet:
         mine = np.arange(count, dtype=np.int64) * self.world_size + self.rank
         if self._order is not None:
             mine = self._order(mine)
-        for a in range(0, count, batch_size):
+        starts = range(0, count, batch_size)
+        # disable=None: a bar on a terminal only, never in a log or a pipe.
+        for a in tqdm(starts, desc="eval", unit="batch", disable=None if self.progress else True, leave=False):
             samples = mine[a : a + batch_size]
             windows = read_windows(self.packed, samples)
             sources = np.stack([self.packed.source_ids(i)[1:] for i in samples.tolist()])

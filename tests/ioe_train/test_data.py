@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 
@@ -188,3 +189,17 @@ def test_batches_for_a_gpu_are_pinned(shards, tmp_path):
     cfg = DataConfig(train_dirs=[str(shards[0])], seq_len=S)
     batch = next(iter(MemmapLoader(cfg, 4, 0, 1, tmp_path / "cache", pin_memory=True)))
     assert batch["input_ids"].is_pinned() and batch["labels"].is_pinned()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_eval_shows_progress_on_a_terminal_only_when_asked(shards, monkeypatch, progress):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    batches = list(EvalSet([str(shards[1])], S, 0, 1, progress=progress).batches(batch_size=4, max_batches=3))
+    assert len(batches) == 3
+    assert ("eval:" in terminal.getvalue() and "/3 " in terminal.getvalue()) == progress
