@@ -116,7 +116,7 @@ def compare_cmd(run_dirs, out, as_json, allow_mismatch, baseline) -> None:
     from ioe_train.runs import RunError
 
     try:
-        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json, baseline), nl=False)
+        click.echo(write_comparison(list(run_dirs), out, allow_mismatch, as_json, baseline, progress=True), nl=False)
     except RunError as e:
         raise click.ClickException(str(e)) from None
 

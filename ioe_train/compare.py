@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ioe_train.config import TrainConfig
 from ioe_train.model import build_model
@@ -268,16 +269,19 @@ def _arm_name(runs: list[RunSummary], taken: set[str]) -> str:
     return f"{name}#{k}" if k > 1 else name
 
 
-def compare_runs(run_dirs: list[Path], allow_mismatch: bool = False, baseline: str | None = None) -> Report:
+def compare_runs(run_dirs: list[Path], allow_mismatch: bool = False, baseline: str | None = None,
+                 progress: bool = False) -> Report:  # fmt: skip
     """The report on `run_dirs` (directories of `launch --seeds` runs expand to their seeds) at T, the
-    smallest tokens-seen among the runs; `baseline`: an arm's name (default: the first arm).
+    smallest tokens-seen among the runs; `baseline`: an arm's name (default: the first arm);
+    `progress`: a bar on stderr (on a terminal) as the runs are read.
 
     Raises RunError for an unreadable run, a run without records, two runs of one arm with the
     same seed, an unknown baseline or (unless `allow_mismatch`) runs whose data or tokenizer
     fingerprints differ.
     """
     loaded = []
-    for run_dir in expand_run_dirs(run_dirs):
+    for run_dir in tqdm(expand_run_dirs(run_dirs), desc="compare", unit="run", disable=None if progress else True,
+                        leave=False):  # fmt: skip
         cfg = run_config(run_dir)
         records = [r for r in read_metrics(run_dir) if "tokens" in r]
         if not records:
@@ -430,10 +434,10 @@ def plot(report: Report, path: Path) -> Path:
 
 
 def write_comparison(run_dirs: list[Path], out: Path | None, allow_mismatch: bool = False,
-                     as_json: bool = False, baseline: str | None = None) -> str:  # fmt: skip
+                     as_json: bool = False, baseline: str | None = None, progress: bool = False) -> str:  # fmt: skip
     """The report (Markdown, or JSON if `as_json`); with `out`, also writes compare.md,
     compare.json and val_loss.png there."""
-    report = compare_runs(run_dirs, allow_mismatch, baseline)
+    report = compare_runs(run_dirs, allow_mismatch, baseline, progress)
     md, js = markdown(report), to_json(report)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

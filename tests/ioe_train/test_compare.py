@@ -3,6 +3,7 @@ trainer's expert summary in metrics.jsonl."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -256,3 +257,18 @@ def test_router_labels_name_what_is_not_the_default():
     assert label() == "ioe (16, L 16)"
     assert label("model.moe.ioe_document_reset=true", "model.moe.ioe_expert_init=unit",
                  "data.packing=by_source") == "ioe (16, L 16, doc reset, init unit) · by_source"  # fmt: skip
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_compare_shows_progress_on_a_terminal(arms, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    compare_runs(arms, progress=True)
+    assert "compare:" in terminal.getvalue() and "run" in terminal.getvalue()
+    terminal.truncate(0)
+    compare_runs(arms)
+    assert terminal.getvalue() == ""
