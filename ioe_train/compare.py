@@ -384,10 +384,11 @@ def markdown(report: Report) -> str:
                          f"| {_fmt(c.diff_sd, '.4f')} | {interval} | {c.verdict} | {', '.join(c.unpaired) or '–'} "
                          f"| {changed or '–'} |")  # fmt: skip
     arm_of = {path: a.name for a in arms for path in a.runs}
-    lines += ["", "| run | arm | seed | tokens seen | val loss | best val† | tokens/s | max load share "
-              "| router entropy |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| run | arm | seed | tokens: val loss at / run trained | val loss | best val† | tokens/s "
+              "| max load share | router entropy |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
-        lines.append(f"| {r.name} | {arm_of[r.path]} | {r.seed} | {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
+        at = "–" if r.val_tokens is None else f"{r.val_tokens:,}"
+        lines.append(f"| {r.name} | {arm_of[r.path]} | {r.seed} | {at} / {r.tokens_seen:,} | {_fmt(r.val_loss, '.4f')} "
                      f"| {_fmt(r.best_val_loss, '.4f')} | {_fmt(r.tokens_per_s, ',.0f')} "
                      f"| {_fmt(r.max_load_share, '.3f')} | {_fmt(r.router_entropy, '.3f')} |")  # fmt: skip
     sources = sorted({s for a in arms for s in a.val_by_source})
