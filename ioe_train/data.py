@@ -246,9 +246,7 @@ class EvalSet:
                  cache_dir: Path | None = None, progress: bool = False):  # fmt: skip
         self.progress = progress  # a progress bar on stderr per pass over the batches (on a terminal)
         self.ds = ShardDataset(dirs)
-        if packing != "stream" and cache_dir is None:
-            raise ValueError(f"packing {packing!r} needs a cache directory for its document order")
-        self.packed = pack(self.ds, packing, seq_len, VAL_PACKING_SEED, cache_dir or Path("."))
+        self.packed = pack(self.ds, packing, seq_len, VAL_PACKING_SEED, cache_dir)
         self.rank, self.world_size = rank, world_size
         n = self.packed.num_windows
         self.per_rank = n // world_size

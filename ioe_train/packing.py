@@ -120,11 +120,14 @@ class PackedStream:
         return out
 
 
-def pack(ds: ShardDataset, packing: str, seq_len: int, seed: int, cache_dir: Path) -> PackedStream:
+def pack(ds: ShardDataset, packing: str, seq_len: int, seed: int, cache_dir: Path | None) -> PackedStream:
     """`ds` packed by `packing` ("stream", "by_source", "similarity") with the document order of
-    `seed`; a grouped packing's order is read from `cache_dir`, built there first if absent."""
+    `seed`; a grouped packing's order is read from `cache_dir`, built there first if absent
+    ("stream" needs none: it is the data's own order)."""
     if packing == "stream":
         return PackedStream(ds, seq_len, np.array([0, ds.num_tokens]))
+    if cache_dir is None:
+        raise ValueError(f"packing {packing!r} needs a cache directory for its document order")
     key = derive_key("packing", packing, ds.fingerprint, seed)
     order_path = cache_dir / f"packing-{key:016x}-order.npy"
     starts_path = cache_dir / f"packing-{key:016x}-starts.npy"

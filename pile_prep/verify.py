@@ -341,16 +341,22 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> list[Problem]:
     return out.finish()
 
 
+def _read_json_or_report(path: Path, kind: str, out: _Collector, consequence: str = "") -> Any | None:
+    """`path`'s JSON, or None after reporting it missing (with `consequence`) or unreadable."""
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        out.add(kind, f"{path.name} is missing" + (f": {consequence}" if consequence else ""))
+    except ValueError as e:
+        out.add(kind, f"{path.name} is not JSON: {e}")
+    return None
+
+
 def _check_job(directory: Path, manifest: dict[str, Any], out: _Collector) -> None:
     """The manifest repeats job.json (what the run was started with): every key must agree, the
     tokenizer's name, fingerprint and vocab size included."""
-    try:
-        job = read_json(directory / JOB)
-    except FileNotFoundError:
-        out.add("job", f"{JOB} is missing: the manifest's tokenizer and inputs cannot be checked")
-        return
-    except ValueError as e:
-        out.add("job", f"{JOB} is not JSON: {e}")
+    job = _read_json_or_report(directory / JOB, "job", out, "the manifest's tokenizer and inputs cannot be checked")
+    if job is None:
         return
     for key in job:
         have, want = manifest.get(key), job[key]
@@ -386,13 +392,8 @@ def _check_coverage(records: list[dict[str, Any]], shares: dict[int, Share], out
 
 def _check_record_file(directory: Path, record: dict[str, Any], out: _Collector) -> None:
     path = directory / f"{record['name']}.json"
-    try:
-        on_disk = read_json(path)
-    except FileNotFoundError:
-        out.add("record file", f"{path.name} is missing")
-        return
-    except ValueError as e:
-        out.add("record file", f"{path.name} is not JSON: {e}")
+    on_disk = _read_json_or_report(path, "record file", out)
+    if on_disk is None:
         return
     if on_disk != record:
         keys = sorted(k for k in on_disk.keys() | record.keys() if on_disk.get(k) != record.get(k))

@@ -37,7 +37,7 @@ def make_domain_shards(root: Path) -> tuple[Path, Path]:
 
 def windows(directory: Path) -> torch.Tensor:
     """Every window of SEQ_LEN + 1 tokens of the shards, in stream order: [N, SEQ_LEN + 1]."""
-    packed = pack(ShardDataset(directory), "stream", SEQ_LEN, seed=0, cache_dir=directory)  # "stream": no cache
+    packed = pack(ShardDataset(directory), "stream", SEQ_LEN, seed=0, cache_dir=None)
     return read_windows(packed, np.arange(packed.num_windows))
 
 
