@@ -62,11 +62,13 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
     and at most one ("failed", exception) (after which everything stops after its current shard).
     """
     ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
-    work, results, stop = ctx.Queue(max(1, workers)), ctx.Queue(), ctx.Event()
+    # Only readers put on `work` and only workers on `results`: the main process runs no queue
+    # feeder thread, which at exit could race it and leave a semaphore to the resource tracker.
+    work, results, stop, read = ctx.Queue(max(1, workers)), ctx.Queue(), ctx.Event(), ctx.Event()
     parent = os.getpid()
     readers = [ctx.Process(target=_reader, args=(job, settings, work, results, stop, parent), daemon=True)
                for job in reader_inputs(shares, inputs, workers)]  # fmt: skip
-    tokenizers = [ctx.Process(target=_worker, args=(settings, work, results, stop, parent), daemon=True)
+    tokenizers = [ctx.Process(target=_worker, args=(settings, work, results, stop, read, parent), daemon=True)
                   for _ in range(workers)]  # fmt: skip
     processes = readers + tokenizers
     for p in processes:
@@ -90,10 +92,8 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
             if kind == "reader done":
                 reading -= 1
                 queued += message[1]
-                if reading == 0:
-                    for _ in tokenizers:  # no more chunks: one end mark per worker
-                        while not stop.is_set() and not _put(work, None):
-                            pass
+                if reading == 0:  # every chunk is in the queue's pipe: workers end when it is empty
+                    read.set()
             elif kind == "worker done":
                 running -= 1
                 yield ("rss", message[1])
@@ -115,7 +115,6 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
         raise
     finally:
         if stop.is_set():
-            work.cancel_join_thread()  # chunks and end marks left in the queue: nobody takes them
             for p in readers:  # (a reader writes nothing that a rerun needs)
                 p.join(timeout=1)
                 if p.is_alive():
@@ -158,14 +157,14 @@ def _reader(job, settings: Settings, work, results, stop, parent: int) -> None:
         if stop.is_set():
             work.cancel_join_thread()  # what is still buffered will not be taken: do not wait
         else:
-            # Every chunk put is in the pipe before "done": the main process's end marks, sent
-            # after the last "done", then follow every chunk (a queue's put only buffers).
+            # Every chunk put is in the pipe before "done" (a queue's put only buffers): once all
+            # readers are done, an empty pipe means no chunk is left.
             work.close()
             work.join_thread()
         results.put(("reader done", queued))
 
 
-def _put(work, chunk: Chunk | None) -> bool:
+def _put(work, chunk: Chunk) -> bool:
     try:
         work.put(chunk, timeout=_POLL_S)
         return True
@@ -173,17 +172,17 @@ def _put(work, chunk: Chunk | None) -> bool:
         return False
 
 
-def _worker(settings: Settings, work, results, stop, parent: int) -> None:
+def _worker(settings: Settings, work, results, stop, read, parent: int) -> None:
     _die_with(parent)
     try:
         tok = load_tokenizer(settings.tokenizer)
         while not stop.is_set():  # another process failed: stop between shards
             try:
                 chunk = work.get(timeout=_POLL_S)
-            except queue.Empty:
+            except queue.Empty:  # (or another worker held the queue's lock)
+                if read.is_set() and work.empty():
+                    break
                 continue
-            if chunk is None:
-                break
             record = tokenize_chunk(tok, chunk, settings.output, settings.text_field, settings.skip_bad_lines)
             results.put(("record", record, False))
             text_bytes = len(chunk.lines) if chunk.rows is None and record["tokens"] else 0
