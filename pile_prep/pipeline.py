@@ -5,7 +5,9 @@ decompress and cut their inputs into chunks (pile_prep/inputs.py) and put each c
 task's share that is not already done into one bounded queue; W tokenizer workers each take
 the next chunk, whichever input it comes from, and write its shard. Chunk bytes go from a
 reader to a worker through the queue's pipe, never through the main process, which collects
-records and progress. A shard depends only on its chunk, so the output is the same for any W,
+records and progress. Readers and workers are forked from the main process, so a worker starts
+with the tokenizer already loaded (a spawned one would spend ~0.5 s of CPU importing and loading
+the vocabulary). A shard depends only on its chunk, so the output is the same for any W,
 R or order of work (docs/FORMAT.md).
 
 Memory: at most Q = W chunks wait in the queue; each reader holds one chunk being cut and one
@@ -15,6 +17,7 @@ text, <= 4W x shard_bytes (64 MiB shards: 256 MiB per worker).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -28,7 +31,6 @@ from typing import Iterator
 from pile_prep.inputs import Chunk, InputError, chunk_checksum, input_chunks, iter_records
 from pile_prep.shards import MAX_BAD_LINES_LISTED, ShardWriter, shard_is_done, shard_name
 from pile_prep.tasks import Share
-from pile_prep.tokenizer import load_tokenizer
 
 _POLL_S = 0.1  # how often a blocked reader or an idle worker looks at the stop flag
 FIELD_HINT = "if the text is under another key, name it with --text-field"
@@ -43,7 +45,6 @@ class Settings:
     """What readers and workers need of TokenizeOptions."""
 
     output: Path
-    tokenizer: str
     text_field: str
     shard_bytes: int
     skip_bad_lines: bool
@@ -56,58 +57,29 @@ def reader_inputs(shares: dict[int, Share], inputs: list[Path], workers: int) ->
     return [items[r::readers] for r in range(readers)]
 
 
-def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], workers: int) -> Iterator[tuple]:
-    """Run readers and workers; yield their messages in the order they come:
+@contextlib.contextmanager
+def started(settings: Settings, tok, shares: dict[int, Share], inputs: list[Path], workers: int):
+    """Fork readers and workers (each worker inherits `tok`: no import or tokenizer load per
+    process); yield an iterator of their messages in the order they come:
     ("record", record, resumed), ("progress", input, end, tokens, text bytes), ("rss", MiB),
     and at most one ("failed", exception) (after which everything stops after its current shard).
+    Enter it before starting any thread (a progress bar's monitor), so that nothing is forked
+    holding another thread's lock. On leaving, every process has ended.
     """
-    ctx = multiprocessing.get_context("spawn")  # no fork: tqdm's monitor thread lives here
+    ctx = multiprocessing.get_context("fork")
     # Only readers put on `work` and only workers on `results`: the main process runs no queue
     # feeder thread, which at exit could race it and leave a semaphore to the resource tracker.
     work, results, stop, read = ctx.Queue(max(1, workers)), ctx.Queue(), ctx.Event(), ctx.Event()
     parent = os.getpid()
     readers = [ctx.Process(target=_reader, args=(job, settings, work, results, stop, parent), daemon=True)
                for job in reader_inputs(shares, inputs, workers)]  # fmt: skip
-    tokenizers = [ctx.Process(target=_worker, args=(settings, work, results, stop, read, parent), daemon=True)
+    tokenizers = [ctx.Process(target=_worker, args=(settings, tok, work, results, stop, read, parent), daemon=True)
                   for _ in range(workers)]  # fmt: skip
     processes = readers + tokenizers
     for p in processes:
         p.start()
-    reading, running, failed = len(readers), len(tokenizers), False
-    queued = made = 0  # chunks readers queued, shards workers made
     try:
-        while reading or running:
-            try:
-                message = results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [p for p in processes if p.exitcode not in (None, 0)]
-                if dead and not failed:  # (a process that failed has said so first)
-                    failed = True
-                    stop.set()
-                    yield ("failed", WorkerDied(f"exit code {dead[0].exitcode}"))
-                if dead and all(p.exitcode is not None for p in processes):
-                    break
-                continue
-            kind = message[0]
-            if kind == "reader done":
-                reading -= 1
-                queued += message[1]
-                if reading == 0:  # every chunk is in the queue's pipe: workers end when it is empty
-                    read.set()
-            elif kind == "worker done":
-                running -= 1
-                yield ("rss", message[1])
-                if failed and not running:  # a reader may wait on chunks nobody will take
-                    break
-            elif kind == "failed":
-                if not failed:
-                    failed = True
-                    yield message
-            else:
-                made += kind == "record" and not message[2]
-                yield message
-        if not failed and made != queued:  # never a silent gap: a lost chunk fails the run
-            yield ("failed", WorkerDied(f"{queued} chunks were queued but {made} shards made"))
+        yield _messages(readers, tokenizers, results, stop, read)
     except BaseException:
         stop.set()
         for p in processes:
@@ -121,6 +93,44 @@ def run(settings: Settings, shares: dict[int, Share], inputs: list[Path], worker
                     p.terminate()
         for p in processes:
             p.join(timeout=60)
+
+
+def _messages(readers, tokenizers, results, stop, read) -> Iterator[tuple]:
+    processes = readers + tokenizers
+    reading, running, failed = len(readers), len(tokenizers), False
+    queued = made = 0  # chunks readers queued, shards workers made
+    while reading or running:
+        try:
+            message = results.get(timeout=0.2)
+        except queue.Empty:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead and not failed:  # (a process that failed has said so first)
+                failed = True
+                stop.set()
+                yield ("failed", WorkerDied(f"exit code {dead[0].exitcode}"))
+            if dead and all(p.exitcode is not None for p in processes):
+                break
+            continue
+        kind = message[0]
+        if kind == "reader done":
+            reading -= 1
+            queued += message[1]
+            if reading == 0:  # every chunk is in the queue's pipe: workers end when it is empty
+                read.set()
+        elif kind == "worker done":
+            running -= 1
+            yield ("rss", message[1])
+            if failed and not running:  # a reader may wait on chunks nobody will take
+                break
+        elif kind == "failed":
+            if not failed:
+                failed = True
+                yield message
+        else:
+            made += kind == "record" and not message[2]
+            yield message
+    if not failed and made != queued:  # never a silent gap: a lost chunk fails the run
+        yield ("failed", WorkerDied(f"{queued} chunks were queued but {made} shards made"))
 
 
 def _reader(job, settings: Settings, work, results, stop, parent: int) -> None:
@@ -172,10 +182,9 @@ def _put(work, chunk: Chunk) -> bool:
         return False
 
 
-def _worker(settings: Settings, work, results, stop, read, parent: int) -> None:
+def _worker(settings: Settings, tok, work, results, stop, read, parent: int) -> None:
     _die_with(parent)
     try:
-        tok = load_tokenizer(settings.tokenizer)
         while not stop.is_set():  # another process failed: stop between shards
             try:
                 chunk = work.get(timeout=_POLL_S)

@@ -253,7 +253,7 @@ def tokenize(opts: TokenizeOptions) -> TokenizeSummary:
             manifest = read_json(output / MANIFEST)
             return TokenizeSummary(manifest, manifest["totals"]["shards"],
                                    time.perf_counter() - start, 0, 0)  # fmt: skip
-        return _run(opts, inputs, job, output, start)
+        return _run(opts, inputs, job, output, tokenizer, start)
     except OutputError as e:
         raise TokenizeError(f"{e}; {_kept(output)}") from None
     finally:
@@ -269,17 +269,13 @@ def _kept(output: Path) -> str:
             "the same command to resume")  # fmt: skip
 
 
-def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, start: float):
+def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, tokenizer, start: float):
     workers = opts.workers or usable_cores()
     records: dict[str, dict] = {}
     resumed = tokens_run = bytes_run = 0
     rss = 0.0
     shares = task_shares(len(inputs), opts.num_tasks, opts.task_index)
     total_bytes = sum(job["inputs"][i]["size"] for i in shares)
-    bar = tqdm(
-        total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
-        disable=not opts.progress, desc="tokenize", file=sys.stderr,
-    )  # fmt: skip
     last_progress: dict[int, int] = {}
 
     def advance(input_index: int, end: int, tokens: int, text_bytes: int) -> None:
@@ -296,9 +292,13 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
         bar.set_postfix_str(f"{tokens_run / elapsed / 1e6:.2f} Mtok/s", refresh=False)
 
     failure: BaseException | None = None
-    settings = Settings(output, opts.tokenizer, opts.text_field, opts.shard_bytes, opts.skip_bad_lines)
-    try:
-        for message in pipeline.run(settings, shares, inputs, workers):
+    settings = Settings(output, opts.text_field, opts.shard_bytes, opts.skip_bad_lines)
+    # The processes fork before the bar starts its monitor thread.
+    with pipeline.started(settings, tokenizer, shares, inputs, workers) as messages, tqdm(
+        total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+        disable=not opts.progress, desc="tokenize", file=sys.stderr,
+    ) as bar:  # fmt: skip
+        for message in messages:
             kind = message[0]
             if kind == "record":
                 records[message[1]["name"]] = message[1]
@@ -309,10 +309,6 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, sta
                 rss = max(rss, message[1])
             else:  # "failed": the others stop after their current shard
                 failure = message[1]
-    except BaseException:
-        bar.close()
-        raise
-    bar.close()
     if failure is not None:
         if isinstance(failure, InputError):
             if failure.hint is not None:
