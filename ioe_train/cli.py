@@ -161,8 +161,9 @@ def sample_cmd(run_dir, prompt, tokens, temperature, top_p, seed) -> None:
 @click.option("--routing", is_flag=True,
               help="Also routing diagnostics: loss under routing interventions, I(source; experts), entropy, "
                    "load per layer, train-val gap (docs/MOE.md).")
+@click.option("--partial", is_flag=True, help="Accept DIRS missing tasks of a --num-tasks job, on purpose.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(run_dir, dirs, batches, packing, per_document, routing, as_json) -> None:
+def eval_cmd(run_dir, dirs, batches, packing, per_document, routing, partial, as_json) -> None:
     """Validation loss of the run's newest weights on DIRS, overall and per pile_set_name (CPU);
     with --routing, whether the model uses its routing too."""
     from ioe_train.data import EvalSet
@@ -177,20 +178,20 @@ def eval_cmd(run_dir, dirs, batches, packing, per_document, routing, as_json) ->
                        else f"{run_dir}: a dense model, no routing to diagnose")  # fmt: skip
             return
         model, cfg, step = load_model(run_dir)
-        ShardDataset(list(dirs), expect_fingerprint=run_tokenizer_fingerprint(cfg))
+        ShardDataset(list(dirs), expect_fingerprint=run_tokenizer_fingerprint(cfg), partial=partial)
         packing = packing or cfg.eval.packing or cfg.data.packing
         per_document = cfg.eval.per_document if per_document is None else per_document
         batch_size = cfg.eval.batch_size or cfg.micro_batch_size
         diag = gap = None
         if routing:
             eval_set = EvalSet([str(d) for d in dirs], cfg.data.seq_len, 0, 1, packing, Path(run_dir) / "data_index",
-                               progress=True)  # fmt: skip
+                               progress=True, partial=partial)  # fmt: skip
             diag = routing_diagnostics(model, eval_set, batch_size, batches, per_document=per_document)
             losses = diag.losses
             gap = train_val_gap(read_metrics(run_dir)) if (Path(run_dir) / "metrics.jsonl").is_file() else None
         else:
             losses = evaluate_dirs(model, list(dirs), cfg.data.seq_len, batch_size, batches, packing, per_document,
-                                   Path(run_dir) / "data_index", progress=True)  # fmt: skip
+                                   Path(run_dir) / "data_index", progress=True, partial=partial)  # fmt: skip
     except (RunError, ShardError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

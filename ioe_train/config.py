@@ -56,6 +56,9 @@ class DataConfig:
     # pile_set_name -> sampling weight (unlisted sources: 1.0); see docs/TRAINING.md#mixture.
     mixture: dict[str, float] = field(default_factory=dict)
     num_workers: int = 1  # DataLoader worker processes per rank; the order does not depend on it
+    # Accept train/val dirs that miss tasks of a `pile-prep tokenize --num-tasks` job (on purpose:
+    # otherwise such a set is refused, naming the missing tasks).
+    partial: bool = False
     streaming: StreamingDataConfig = field(default_factory=StreamingDataConfig)
 
 

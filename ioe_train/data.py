@@ -104,11 +104,11 @@ def prepare_data(cfg: DataConfig, val_packing: str | None, cache_dir: Path) -> N
     """
     if cfg.source != "memmap":
         return
-    packed = pack(ShardDataset(cfg.train_dirs), cfg.packing, cfg.seq_len, cfg.seed, cache_dir)
+    packed = pack(ShardDataset(cfg.train_dirs, partial=cfg.partial), cfg.packing, cfg.seq_len, cfg.seed, cache_dir)
     if cfg.mixture:
         mixture_index(packed, cfg, cache_dir)
     if val_packing is not None and cfg.val_dirs:
-        pack(ShardDataset(cfg.val_dirs), val_packing, cfg.seq_len, VAL_PACKING_SEED, cache_dir)
+        pack(ShardDataset(cfg.val_dirs, partial=cfg.partial), val_packing, cfg.seq_len, VAL_PACKING_SEED, cache_dir)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class MemmapLoader:
                  pin_memory: bool = False):  # fmt: skip
         self.cfg = cfg
         self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies overlap compute
-        self.ds = ShardDataset(cfg.train_dirs)
+        self.ds = ShardDataset(cfg.train_dirs, partial=cfg.partial)
         self.batch_size, self.world_size = batch_size, world_size
         packed = pack(self.ds, cfg.packing, cfg.seq_len, cfg.seed, cache_dir)
         mixture = mixture_index(packed, cfg, cache_dir) if cfg.mixture else None
@@ -243,9 +243,9 @@ class EvalSet:
     """
 
     def __init__(self, dirs: list[str], seq_len: int, rank: int, world_size: int, packing: str = "stream",
-                 cache_dir: Path | None = None, progress: bool = False):  # fmt: skip
+                 cache_dir: Path | None = None, progress: bool = False, partial: bool = False):  # fmt: skip
         self.progress = progress  # a progress bar on stderr per pass over the batches (on a terminal)
-        self.ds = ShardDataset(dirs)
+        self.ds = ShardDataset(dirs, partial=partial)
         self.packed = pack(self.ds, packing, seq_len, VAL_PACKING_SEED, cache_dir)
         self.rank, self.world_size = rank, world_size
         n = self.packed.num_windows

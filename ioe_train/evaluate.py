@@ -44,9 +44,10 @@ def losses_from_sums(sums: Tensor, counts: Tensor, source_names: list[str]) -> d
 
 def evaluate_dirs(model: nn.Module, dirs: list[Path], seq_len: int, batch_size: int, max_batches: int,
                   packing: str = "stream", per_document: bool = False, cache_dir: Path | None = None,
-                  progress: bool = False) -> dict[str, float]:  # fmt: skip
+                  progress: bool = False, partial: bool = False) -> dict[str, float]:  # fmt: skip
     """Validation losses of `model` (on CPU, one process) on the shard directories `dirs`, packed
-    by `packing` (a grouped packing's order is cached in `cache_dir`)."""
-    eval_set = EvalSet([str(d) for d in dirs], seq_len, 0, 1, packing, cache_dir, progress)
+    by `packing` (a grouped packing's order is cached in `cache_dir`); `partial`: accept a set
+    missing tasks of a --num-tasks job."""
+    eval_set = EvalSet([str(d) for d in dirs], seq_len, 0, 1, packing, cache_dir, progress, partial)
     sums, counts = loss_sums(model, eval_set, batch_size, max_batches, torch.device("cpu"), per_document)
     return losses_from_sums(sums, counts, eval_set.source_names)

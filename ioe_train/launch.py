@@ -68,7 +68,7 @@ def check_data(cfg: TrainConfig) -> None:
     for key, dirs in (("data.train_dirs", cfg.data.train_dirs), ("data.val_dirs", cfg.data.val_dirs)):
         if dirs:
             try:
-                found[key] = ShardDataset(dirs)
+                found[key] = ShardDataset(dirs, partial=cfg.data.partial)
             except ShardError as e:
                 raise ConfigError(f"{key}: {e}") from None
     check_mixture(cfg.data, found["data.train_dirs"].source_names)

@@ -99,7 +99,7 @@ def run_tokenizer(cfg: TrainConfig) -> Any:
     try:
         if cfg.data.source == "streaming":
             return load_tokenizer(cfg.data.streaming.tokenizer)
-        ds = ShardDataset(cfg.data.train_dirs)
+        ds = ShardDataset(cfg.data.train_dirs, partial=cfg.data.partial)
         name = ds.tokenizer["name"]
         return ds.load_tokenizer(name[3:] if name.startswith("hf:") else None)  # "hf:PATH": its files
     except (ShardError, TokenizerError) as e:
@@ -123,7 +123,7 @@ def data_fingerprints(cfg: TrainConfig) -> dict[str, str]:
     for key, dirs in (("train", cfg.data.train_dirs), ("val", cfg.data.val_dirs)):
         if dirs:
             try:
-                ds = ShardDataset(dirs)
+                ds = ShardDataset(dirs, partial=cfg.data.partial)
             except ShardError as e:
                 raise RunError(f"data.{key}_dirs: {e}") from None
             out[key] = ds.fingerprint

@@ -223,7 +223,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, ckpt: 
         log.line(f"warning: {warning}")
     eval_set = None
     if cfg.eval.interval:
-        eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size, val_packing, out / "data_index")
+        eval_set = EvalSet(cfg.data.val_dirs, cfg.data.seq_len, rank, world_size, val_packing, out / "data_index",
+                           partial=cfg.data.partial)  # fmt: skip
 
     # topk_bias routers update from every step's global load, not only on expert_interval steps.
     load_every_step = balances_from_load(model)

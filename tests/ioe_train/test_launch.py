@@ -131,3 +131,24 @@ def test_seeds_train_one_run_each_and_a_rerun_skips_finished_ones(shards, tmp_pa
     assert len(first_losses[0]) == 2 and first_losses[0] != first_losses[1]
     assert run_launch(cmd, tmp_path / "again.log").splitlines() == [
         f"seed {s}: finished ({tmp_path / 'arm' / f'seed_{s}'}/final/model.pt is at step 2); skipped" for s in (0, 1)]
+
+
+def test_a_set_missing_tasks_is_refused_unless_data_partial(tmp_path, monkeypatch):
+    from ioe_train.data import MemmapLoader
+    from pile_prep.sample import write_sample_corpus
+    from pile_prep.tokenize import TokenizeOptions, tokenize
+
+    inputs = [str(p) for p in write_sample_corpus(tmp_path / "in", num_files=2, docs_per_file=40, seed=3)]
+    tasks = [tmp_path / f"t{t}" for t in range(3)]
+    for t, out in enumerate(tasks):
+        tokenize(TokenizeOptions(inputs=inputs, output=out, workers=1, shard_bytes=5_000, num_tasks=3,
+                                 task_index=t, progress=False))  # fmt: skip
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: 0)
+    given = [f"data.train_dirs=[{tasks[0]},{tasks[2]}]", f"data.val_dirs=[{tasks[1]}]"]
+    result = CliRunner().invoke(main, ["launch", str(CONFIG), *given])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "data.train_dirs: " in result.output and "task(s) 1 of its 3-task job are not given" in result.output
+    assert CliRunner().invoke(main, ["launch", str(CONFIG), *given, "data.partial=true"]).exit_code == 0
+    cfg = load_config(CONFIG, [*given, "data.partial=true", "data.seq_len=16"])
+    loader = MemmapLoader(cfg.data, 2, 0, 1, tmp_path / "cache")
+    assert loader.ds.num_shards == len(list(tasks[0].glob("*.bin"))) + len(list(tasks[2].glob("*.bin")))

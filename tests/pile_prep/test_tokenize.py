@@ -460,3 +460,28 @@ def test_no_chunk_is_lost_behind_the_end_marks(tmp_path):
     many = run([path], tmp_path / "w12", shard_bytes=150_000, workers=12).manifest
     assert len(many["shards"]) == len(one["shards"]) > 30
     assert_same_dirs(tmp_path / "w1", tmp_path / "w12")
+
+
+def test_workers_tokenize_with_the_tokenizer_object_they_are_given(tmp_path):
+    """Workers are forked holding the main process's tokenizer: none loads its own (no start-up
+    cost per worker), and a tokenizer that cannot be pickled or rebuilt by name works."""
+    import numpy as np
+
+    from pile_prep import pipeline
+
+    class Lengths:  # one id per document: its text's length (a lambda: not picklable)
+        eos_id, count = 0, staticmethod(lambda text: len(text))
+
+        def encode_pieces(self, text):
+            yield np.array([self.count(text)], np.uint32)
+
+    texts = [f"document number {i}" + "x" * i for i in range(40)]
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", [pile_record(t, "Pile-CC") for t in texts])
+    settings = pipeline.Settings(tmp_path / "out", "text", 300, False)
+    (tmp_path / "out").mkdir()
+    with pipeline.started(settings, Lengths(), task_shares(1, 1, 0), [path], 3) as messages:
+        records = [m[1] for m in messages if m[0] == "record"]
+    assert len(records) > 3 and not [m for m in records if m is None]
+    ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{r['name']}.bin", np.uint32)
+                          for r in sorted(records, key=lambda r: r["name"])])  # fmt: skip
+    assert ids.tolist() == [x for t in texts for x in (len(t), 0)]
