@@ -7,7 +7,7 @@ MB), then measures in one run:
       text already in memory;
   (b) `pile-prep tokenize --workers 1`, end to end (decompress, parse, NFC, tokenize, write);
   (c) `pile-prep tokenize --workers <all cores>`.
-Targets: b/a >= 0.85 and c/(cores*a) >= 0.85. Also prints the peak RSS of a worker, and
+Targets: b/a >= 0.85 and c/(cores*a) >= 0.85. Also prints a worker's peak memory (beyond the pages it shares with the main process), and
   (a') the raw tokenizer in one process per core at once: the parallel limit of the machine.
 
     python benchmarks/bench_tokenize.py [--mb 200] [--work DIR]
@@ -114,13 +114,13 @@ def main() -> None:
                                          workers=workers, overwrite=True, progress=False,
                                          shard_bytes=args.shard_mb << 20))  # fmt: skip
             best[key] = max(best.get(key, 0.0), s.tokens_this_run / s.seconds)
-            peak_rss = max(peak_rss, s.peak_worker_rss_mb)
+            peak_rss = max(peak_rss, s.peak_worker_mb)
     a, a_par, b, c = best["a"], best["a_par"], best["b"], best["c"]
     print(f"(a)  raw tiktoken, 1 core, in memory:        {a / 1e6:6.2f} M tokens/s ({n:,} tokens)")
     print(f"(a') raw tiktoken, {cores} processes at once:       {a_par / 1e6:6.2f} M tokens/s")
     print(f"(b)  pile-prep tokenize --workers 1:          {b / 1e6:6.2f} M tokens/s")
     print(f"(c)  pile-prep tokenize --workers {cores}:          {c / 1e6:6.2f} M tokens/s")
-    print(f"peak RSS of a worker: {peak_rss:.0f} MiB")
+    print(f"peak memory of a worker (beyond the pages it shares with the main process): {peak_rss:.0f} MiB")
     print(f"\n(b) / (a)            = {b / a:.2f}   (target >= 0.85)")
     print(f"(c) / ({cores} x (a))      = {c / (cores * a):.2f}   (target >= 0.85)")
     print(f"(c) / (a')           = {c / a_par:.2f}   (what the cores give when all are busy)")

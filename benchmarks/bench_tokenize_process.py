@@ -6,9 +6,9 @@ On the same real-text corpus (see bench_tokenize.py), in one run:
   (t) `pile-prep tokenize --workers 1 -q` as a subprocess (main process + its one worker).
 Both timed whole process against whole process: wall and CPU (user + sys of the process tree),
 start-up included. Target: (p) / (t) wall >= 0.9.
-Also: the main process's CPU per GB of text beyond its start-up (workers read and cut their own
-inputs, so the main process does not bound reading), and the peak RSS of the main process and of
-a worker at 2 workers, and how the time to cut one huge line grows with its length.
+Also: the main process's CPU per GB of text beyond its start-up (readers decompress and cut the
+inputs, so the main process does not bound reading), and the peak RSS of the main process and a
+worker's peak memory beyond the pages it shares with it, at 2 workers, and how the time to cut one huge line grows with its length.
 
     python benchmarks/bench_tokenize_process.py [--mb 64] [--repeats 2]
 """
@@ -111,13 +111,13 @@ def main() -> None:
     tiny.write_text('{"text": "one short document"}\n')
     _, startup_cpu, _, _ = main_run([str(tiny)], str(work / "out-tiny"))
     wall, cpu, main_rss, text = main_run(inputs, str(work / "out-2"))
-    worker_rss = float(text.split("peak worker RSS ")[1].split()[0])
+    worker_rss = float(text.split("peak worker memory ")[1].split()[0])
     per_gb = max(cpu - startup_cpu, 1e-3) / gb
     worker_gb_s = gb / tc  # one worker: nearly all of --workers 1's CPU
     print(f"main process: {cpu:.2f} s CPU of which {startup_cpu:.2f} s start-up: {per_gb:.2f} s CPU "
           f"per GB of text beyond start-up; at {worker_gb_s * 1e3:.1f} MB/s per worker it keeps up "
-          f"with ~{1 / per_gb / worker_gb_s:.0f} workers (each worker reads its own input)")
-    print(f"2 workers: {wall:.1f} s wall; peak RSS main {main_rss:.0f} MiB, worker {worker_rss:.0f} MiB "
+          f"with ~{1 / per_gb / worker_gb_s:.0f} workers (reader processes decompress and cut the inputs)")
+    print(f"2 workers: {wall:.1f} s wall; peak RSS main {main_rss:.0f} MiB, worker {worker_rss:.0f} MiB beyond it "
           f"(64 MiB chunks)")
     huge_line_ratio(work, args.huge_mb)
 

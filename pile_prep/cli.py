@@ -72,7 +72,7 @@ def tokenize_cmd(inputs, output, workers, tokenizer, text_field, shard_mb, skip_
         f"({s.shards_resumed} already done) -> {output / 'manifest.json'}\n"
         f"this run: {s.tokens_this_run:,} tokens in {s.seconds:.1f} s ({rate / 1e6:.2f} M tokens/s, "
         f"{s.bytes_this_run / max(s.seconds, 1e-9) / 2**20:.1f} MiB/s of text); "
-        f"peak worker RSS {s.peak_worker_rss_mb:.0f} MiB"
+        f"peak worker memory {s.peak_worker_mb:.0f} MiB"
     )
     if t["skipped_empty"] or t["blank_lines"] or t["bad_lines"]:
         click.echo(f"skipped: {t['skipped_empty']} empty documents, {t['blank_lines']} blank lines, "

@@ -21,7 +21,6 @@ import contextlib
 import multiprocessing
 import os
 import queue
-import resource
 import signal
 import sys
 from dataclasses import dataclass
@@ -61,7 +60,8 @@ def reader_inputs(shares: dict[int, Share], inputs: list[Path], workers: int) ->
 def started(settings: Settings, tok, shares: dict[int, Share], inputs: list[Path], workers: int):
     """Fork readers and workers (each worker inherits `tok`: no import or tokenizer load per
     process); yield an iterator of their messages in the order they come:
-    ("record", record, resumed), ("progress", input, end, tokens, text bytes), ("rss", MiB),
+    ("record", record, resumed), ("progress", input, end, tokens, text bytes), ("rss", MiB: a
+    worker's peak resident memory beyond what it shared with the main process when forked),
     and at most one ("failed", exception) (after which everything stops after its current shard).
     Enter it before starting any thread (a progress bar's monitor), so that nothing is forked
     holding another thread's lock. On leaving, every process has ended.
@@ -184,6 +184,7 @@ def _put(work, chunk: Chunk) -> bool:
 
 def _worker(settings: Settings, tok, work, results, stop, read, parent: int) -> None:
     _die_with(parent)
+    forked = resident_mb("VmRSS")  # the main process's pages, shared until written
     try:
         while not stop.is_set():  # another process failed: stop between shards
             try:
@@ -200,7 +201,7 @@ def _worker(settings: Settings, tok, work, results, stop, read, parent: int) -> 
         stop.set()
         results.put(("failed", e))
     finally:
-        results.put(("worker done", peak_rss_mb()))
+        results.put(("worker done", resident_mb("VmHWM") - forked))
 
 
 def _die_with(parent: int) -> None:
@@ -270,14 +271,14 @@ def tokenize_chunk(tok, chunk: Chunk, output: Path, text_field: str, skip_bad: b
     )
 
 
-def peak_rss_mb() -> float:
-    # VmHWM is this process's own peak; ru_maxrss survives exec, so a spawned worker would
-    # report its parent's peak.
+def resident_mb(key: str) -> float:
+    """This process's resident memory from /proc/self/status: "VmRSS" now, "VmHWM" its peak
+    (0 where there is no /proc)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0

@@ -59,7 +59,7 @@ class TokenizeSummary:
     seconds: float
     tokens_this_run: int
     bytes_this_run: int  # input bytes read by shards made in this run
-    peak_worker_rss_mb: float = 0.0
+    peak_worker_mb: float = 0.0  # a worker's peak memory beyond the main process's pages it shares
     warnings: list[str] = field(default_factory=list)
 
 
@@ -333,5 +333,5 @@ def _run(opts: TokenizeOptions, inputs: list[Path], job: dict, output: Path, tok
         seconds=time.perf_counter() - start,
         tokens_this_run=tokens_run,
         bytes_this_run=bytes_run,
-        peak_worker_rss_mb=rss,
+        peak_worker_mb=rss,
     )
