@@ -21,10 +21,10 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from ioe_train.config import load_config
 from ioe_train.data import MemmapLoader
-from ioe_train.model import build_model, count_params, init_weights
+from ioe_train.model import build_model, count_params
 from ioe_train.optim import build_optimizer
 from ioe_train.parallelize import parallelize
-from ioe_train.train import train_step
+from ioe_train.train import materialize, train_step
 from pile_prep.sample import write_sample_corpus
 from pile_prep.tokenize import TokenizeOptions, tokenize
 
@@ -39,8 +39,7 @@ def trainer_tokens_per_s(config: Path, data: Path, steps: int, tmp: Path) -> tup
         model = build_model(cfg.model)
     _, active = count_params(model)
     parallelize(model, cfg.parallel, init_device_mesh("cpu", (1,)), device)
-    model.to_empty(device=device)
-    init_weights(model)
+    materialize(model, cfg, device)  # the trainer's own: no random op on a CPU DTensor
     optimizer = build_optimizer(model, cfg.optim, device)
     batches = iter(MemmapLoader(cfg.data, cfg.micro_batch_size, 0, 1, tmp))
     for i in range(steps + 2):  # 2 warm-up steps

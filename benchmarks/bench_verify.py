@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from pile_prep.reader import ShardDataset
-from pile_prep.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, shard_name, write_json
-from pile_prep.tokenize import usable_cores
+from pile_prep.shards import FORMAT, FORMAT_VERSION, JOB, MANIFEST, ShardWriter, shard_name, write_json
+from pile_prep.tokenize import _manifest, usable_cores
 from pile_prep.tokenizer import NUM_BASE_TOKENS, QWEN2_5_SPECIAL_TOKENS
 from pile_prep.verify import verify
 
@@ -43,7 +43,7 @@ def make_shards(directory: Path, num_shards: int, tokens_per_shard: int, seed: i
     """Shards of random ids with the real layout, and a manifest that verify accepts."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True)
-    records = []
+    records, line = [], 1
     for s in range(num_shards):
         writer = ShardWriter(directory, shard_name(0, s))
         ids = rng.integers(0, EOS, tokens_per_shard, dtype=np.uint32)
@@ -53,27 +53,17 @@ def make_shards(directory: Path, num_shards: int, tokens_per_shard: int, seed: i
             writer.write_tokens(ids[pos : pos + n])
             writer.end_document(EOS, SOURCES[docs % len(SOURCES)])
             pos, docs = pos + n + 1, docs + 1
-        records.append(writer.commit({"input": 0, "chunk": s, "first_line": 1 + docs * s,
-                                      "last_line": docs * (s + 1), "skipped_lines": [],
-                                      "bad_lines": []}))  # fmt: skip
-    sources: dict[str, dict[str, int]] = {}
-    for r in records:
-        for x in r["sources"]:
-            t = sources.setdefault(x["name"], {"tokens": 0, "documents": 0})
-            t["tokens"] += x["tokens"]
-            t["documents"] += x["documents"]
-    write_json(directory / MANIFEST, {
+        records.append(writer.commit({"input": 0, "chunk": s, "first_line": line, "last_line": line + docs - 1,
+                                      "input_checksum": "synthetic", "skipped_lines": [], "bad_lines": []}))  # fmt: skip
+        line += docs
+    job = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": "qwen2.5", "fingerprint": "sha256:synthetic", "vocab_size": VOCAB,
-                      "eos_id": EOS},
+        "tokenizer": {"name": "qwen2.5", "fingerprint": "sha256:synthetic", "vocab_size": VOCAB, "eos_id": EOS},
         "text_field": "text", "shard_bytes": 0, "task": {"index": 0, "count": 1},
-        "dtype": "uint32", "byteorder": "little",
         "inputs": [{"path": "synthetic.jsonl", "size": 0}],
-        "totals": {"shards": len(records), "tokens": sum(r["tokens"] for r in records),
-                   "documents": sum(r["documents"] for r in records), "skipped_empty": 0,
-                   "bad_lines": 0},
-        "sources": dict(sorted(sources.items())), "bad_lines": [], "shards": records,
-    })  # fmt: skip
+    }  # fmt: skip
+    write_json(directory / JOB, job)
+    write_json(directory / MANIFEST, _manifest(job, records))
 
 
 def _best(fn, repeats: int) -> float:
