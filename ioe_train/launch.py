@@ -87,8 +87,12 @@ def missing_data(cfg: TrainConfig) -> list[str]:
     return [f"{key}: {d}" for key, dirs in named for d in dirs if not Path(d).is_dir()]
 
 
+def nproc_per_node(opts: LaunchOptions) -> int:
+    return opts.nproc_per_node or max(1, torch.cuda.device_count())
+
+
 def torchrun_command(opts: LaunchOptions, overrides: list[str]) -> list[str]:
-    nproc = opts.nproc_per_node or max(1, torch.cuda.device_count())
+    nproc = nproc_per_node(opts)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if opts.nnodes == "1" and opts.rdzv_endpoint is None:
         cmd.append("--standalone")  # a local rendezvous on a free port
@@ -106,12 +110,15 @@ def torchrun_command(opts: LaunchOptions, overrides: list[str]) -> list[str]:
 _CPU_MALLOC = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"
 
 
-def torchrun_env(cfg: TrainConfig) -> dict[str, str]:
+def torchrun_env(cfg: TrainConfig, nproc: int) -> dict[str, str]:
     """Environment the ranks need beyond ours (only what the user has not set already)."""
+    env = {}
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if on_cpu and sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
-        return {"GLIBC_TUNABLES": _CPU_MALLOC}
-    return {}
+        env["GLIBC_TUNABLES"] = _CPU_MALLOC
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"  # torchrun's own default, which it would print a banner about
+    return env
 
 
 def final_step(output_dir: Path) -> int | None:
@@ -142,7 +149,7 @@ def launch(opts: LaunchOptions) -> int:
     if "--standalone" in runs[0][1]:  # several nodes' launchers start at different times: rank 0 decides
         for run_cfg, _ in runs:
             check_run_dir_free(Path(run_cfg.output_dir))
-    env = torchrun_env(cfg)
+    env = torchrun_env(cfg, nproc_per_node(opts))
     for run_cfg, cmd in runs:
         name = f"seed {run_cfg.seed}" if opts.seeds else run_cfg.output_dir
         if final_step(Path(run_cfg.output_dir)) == run_cfg.steps:
