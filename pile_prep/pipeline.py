@@ -23,6 +23,7 @@ import os
 import queue
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -63,8 +64,9 @@ def started(settings: Settings, tok, shares: dict[int, Share], inputs: list[Path
     ("record", record, resumed), ("progress", input, end, tokens, text bytes), ("rss", MiB: a
     worker's peak resident memory beyond what it shared with the main process when forked),
     and at most one ("failed", exception) (after which everything stops after its current shard).
-    Enter it before starting any thread (a progress bar's monitor), so that nothing is forked
-    holding another thread's lock. On leaving, every process has ended.
+    Enter it before starting any Python thread (a progress bar's monitor): the children run only
+    this module's code, so no lock of another thread can be held in them (numpy's idle BLAS
+    threads handle fork themselves). Fork: Linux and macOS. On leaving, every process has ended.
     """
     ctx = multiprocessing.get_context("fork")
     # Only readers put on `work` and only workers on `results`: the main process runs no queue
@@ -75,23 +77,26 @@ def started(settings: Settings, tok, shares: dict[int, Share], inputs: list[Path
                for job in reader_inputs(shares, inputs, workers)]  # fmt: skip
     tokenizers = [ctx.Process(target=_worker, args=(settings, tok, work, results, stop, read, parent), daemon=True)
                   for _ in range(workers)]  # fmt: skip
-    processes = readers + tokenizers
-    for p in processes:
-        p.start()
+    started: list = []
     try:
+        with warnings.catch_warnings():  # Python >= 3.12 warns of any thread, BLAS's included
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            for p in readers + tokenizers:
+                p.start()
+                started.append(p)
         yield _messages(readers, tokenizers, results, stop, read)
     except BaseException:
         stop.set()
-        for p in processes:
+        for p in started:
             p.terminate()
         raise
     finally:
         if stop.is_set():
-            for p in readers:  # (a reader writes nothing that a rerun needs)
+            for p in started[: len(readers)]:  # readers (a reader writes nothing a rerun needs)
                 p.join(timeout=1)
                 if p.is_alive():
                     p.terminate()
-        for p in processes:
+        for p in started:
             p.join(timeout=60)
 
 
@@ -108,8 +113,8 @@ def _messages(readers, tokenizers, results, stop, read) -> Iterator[tuple]:
                 failed = True
                 stop.set()
                 yield ("failed", WorkerDied(f"exit code {dead[0].exitcode}"))
-            if dead and all(p.exitcode is not None for p in processes):
-                break
+            if failed and all(t.exitcode is not None for t in tokenizers):
+                break  # no worker left (one was killed?): a reader may wait on chunks nobody takes
             continue
         kind = message[0]
         if kind == "reader done":

@@ -485,3 +485,39 @@ def test_workers_tokenize_with_the_tokenizer_object_they_are_given(tmp_path):
     ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{r['name']}.bin", np.uint32)
                           for r in sorted(records, key=lambda r: r["name"])])  # fmt: skip
     assert ids.tolist() == [x for t in texts for x in (len(t), 0)]
+
+
+def test_a_worker_killed_mid_run_fails_it_without_hanging(tmp_path):
+    """A worker killed (say, out of memory) while a reader still holds a chunk for the queue: the
+    run reports it and ends (nobody is left to take the reader's chunk)."""
+    import numpy as np
+
+    from pile_prep import pipeline
+
+    class DiesOnSecondDocument:
+        eos_id, seen = 0, 0
+
+        def encode_pieces(self, text):
+            self.seen += 1
+            if self.seen == 2:
+                time.sleep(1)  # the reader is done by now, waiting to flush the second chunk
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield np.array([1], np.uint32)
+
+    # Two chunks of nine documents, each chunk far larger than a pipe's buffer: the worker dies in
+    # the first, while the reader, done with its input, waits to flush the second into the queue.
+    path = write_jsonl_zst(tmp_path / "in.jsonl.zst", [pile_record("x" * 100_000, "Pile-CC") for _ in range(18)])
+    (tmp_path / "out").mkdir()
+    settings = pipeline.Settings(tmp_path / "out", "text", 900_000, False)
+    def hung(signum, frame):
+        raise TimeoutError("the run did not end")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pipeline.started(settings, DiesOnSecondDocument(), task_shares(1, 1, 0), [path], 1) as messages:
+            failed = [m[1] for m in messages if m[0] == "failed"]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(failed) == 1 and "exit code -9" in str(failed[0])
