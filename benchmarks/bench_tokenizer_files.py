@@ -15,7 +15,6 @@ Target: built-in CPU / DIR CPU >= 0.8 end to end. Ids are checked equal.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -25,40 +24,16 @@ from pathlib import Path
 
 from bench_tokenize import real_documents, write_corpus
 
-from pile_prep.tokenizer import QWEN2_5_SPECIAL_TOKENS, QWEN_PATTERN, _bytes_to_unicode, load_tokenizer, qwen_ranks
+from pile_prep.tokenizer import load_tokenizer
 
-# Qwen2.5's tokenizer.json marks these 8 of its 22 added tokens "special": false.
-NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: its tests' Qwen2.5 files
+from tests.pile_prep.qwen_files import write_tokenizer_json, write_vocab_merges  # noqa: E402
 
 
 def write_qwen_files(directory: Path) -> Path:
     """vocab.json + merges.txt and tokenizer.json, made from the bundled ranks."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ranks = qwen_ranks()
-    show = _bytes_to_unicode()
-    text = lambda b: "".join(show[x] for x in b)  # noqa: E731
-    merges = []  # every split of a token into two lower-ranked tokens, in the token's rank order
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        for i in range(1, len(token)):
-            a, b = token[:i], token[i:]
-            if a in ranks and b in ranks and max(ranks[a], ranks[b]) < rank:
-                merges.append(f"{text(a)} {text(b)}")
-    (directory / "vocab.json").write_text(json.dumps({text(t): r for t, r in ranks.items()}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
-    for t in QWEN2_5_SPECIAL_TOKENS:
-        added = AddedToken(t, special=t not in NOT_SPECIAL, normalized=False)
-        tok.add_special_tokens([added]) if t not in NOT_SPECIAL else tok.add_tokens([added])
-    tok.save(str(directory / "tokenizer.json"))
+    write_vocab_merges(directory)
+    write_tokenizer_json(directory, directory / "tokenizer.json")
     return directory
 
 

@@ -77,26 +77,26 @@ def started(settings: Settings, tok, shares: dict[int, Share], inputs: list[Path
                for job in reader_inputs(shares, inputs, workers)]  # fmt: skip
     tokenizers = [ctx.Process(target=_worker, args=(settings, tok, work, results, stop, read, parent), daemon=True)
                   for _ in range(workers)]  # fmt: skip
-    started: list = []
+    forked: list = []
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns of any thread, BLAS's included
             warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
             for p in readers + tokenizers:
                 p.start()
-                started.append(p)
+                forked.append(p)
         yield _messages(readers, tokenizers, results, stop, read)
     except BaseException:
         stop.set()
-        for p in started:
+        for p in forked:
             p.terminate()
         raise
     finally:
         if stop.is_set():
-            for p in started[: len(readers)]:  # readers (a reader writes nothing a rerun needs)
+            for p in forked[: len(readers)]:  # readers (a reader writes nothing a rerun needs)
                 p.join(timeout=1)
                 if p.is_alive():
                     p.terminate()
-        for p in started:
+        for p in forked:
             p.join(timeout=60)
 
 

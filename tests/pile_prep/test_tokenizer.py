@@ -9,14 +9,14 @@ import pytest
 import tiktoken
 
 from pile_prep.tokenizer import (
-    QWEN2_5_SPECIAL_TOKENS,
     QWEN_PATTERN,
     TokenizerError,
-    _bytes_to_unicode,
     load_tokenizer,
     nfc,
     qwen_ranks,
 )
+
+from .qwen_files import write_tokenizer_json, write_vocab_merges
 
 TEXTS = [
     "Hello world",
@@ -40,24 +40,7 @@ def tiktoken_tok():
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """vocab.json + merges.txt made from the same ranks, as a byte-level BPE user would have."""
-    ranks = qwen_ranks()
-    to_unicode = _bytes_to_unicode()
-    show = lambda b: "".join(to_unicode[x] for x in b)  # noqa: E731
-    merges = []
-    for token, rank in ranks.items():
-        splits = [
-            (ranks[token[:i]], ranks[token[i:]], token[:i], token[i:])
-            for i in range(1, len(token))
-            if token[:i] in ranks and token[i:] in ranks
-            and max(ranks[token[:i]], ranks[token[i:]]) < rank
-        ]  # fmt: skip
-        merges += [(rank, left, right) for *_, left, right in sorted(splits)]
-    merges.sort(key=lambda m: m[0])
-    d = tmp_path_factory.mktemp("qwen_hf")
-    (d / "vocab.json").write_text(json.dumps({show(t): r for t, r in ranks.items()}))
-    lines = [f"{show(a)} {show(b)}" for _, a, b in merges]
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
-    return d
+    return write_vocab_merges(tmp_path_factory.mktemp("qwen_hf"))
 
 
 def test_known_qwen_ids(tiktoken_tok):
@@ -91,8 +74,6 @@ def test_hf_vocab_merges_equal_tiktoken(tiktoken_tok, hf_dir):
 
 
 # Qwen2.5's tokenizer.json marks these 8 of its 22 added tokens "special": false.
-NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}  # fmt: skip
 ADDED_TOKEN_TEXTS = [
     "a <tool_call>{\"name\": 1}</tool_call> call",
     "<|fim_prefix|>def f(<|fim_suffix|>)<|fim_middle|>x<|fim_pad|>",
@@ -103,21 +84,7 @@ ADDED_TOKEN_TEXTS = [
 @pytest.fixture(scope="module")
 def real_tokenizer_json(hf_dir, tmp_path_factory):
     """A tokenizer.json laid out as Qwen2.5's: BPE + 22 added tokens with the real flags."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    tok = Tokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
-    for t in QWEN2_5_SPECIAL_TOKENS:  # one at a time: ids 151643.. in this order
-        special = t not in NOT_SPECIAL
-        added = AddedToken(t, special=special, normalized=False)
-        tok.add_special_tokens([added]) if special else tok.add_tokens([added])
-    path = tmp_path_factory.mktemp("qwen_json") / "tokenizer.json"
-    tok.save(str(path))
+    path = write_tokenizer_json(hf_dir, tmp_path_factory.mktemp("qwen_json") / "tokenizer.json")
     flags = {t["content"]: (t["id"], t["special"]) for t in json.loads(path.read_text())["added_tokens"]}
     assert flags["<tool_call>"] == (151657, False) and flags["<|im_start|>"] == (151644, True)
     assert sum(not special for _, special in flags.values()) == 8 and len(flags) == 22
